@@ -1,0 +1,37 @@
+# Every target creates/refreshes the local .venv itself, so a fresh clone needs nothing installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv test lint format demo bench voc07 clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision pinned in pyproject.toml; pip takes them from this machine's disk.
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check sppdet cli tests scripts
+	$(BIN)/ruff check sppdet cli tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format sppdet cli tests scripts
+	$(BIN)/ruff check --fix sppdet cli tests scripts
+
+demo: $(STAMP)
+	bash scripts/demo.sh $(DEMO_DIR)
+
+bench: $(STAMP)
+	bash scripts/bench.sh
+
+clean:
+	rm -rf $(VENV) runs/demo .pytest_cache

@@ -1,0 +1,10 @@
+"""The list of sppdet commands, in the order ``sppdet --help`` shows them."""
+
+from __future__ import annotations
+
+from sppdet_cli.data_cmd import command as make_synthetic
+from sppdet_cli.eval_cmd import command as eval_command
+from sppdet_cli.pipeline_cmds import COMMANDS as PIPELINE
+from sppdet_cli.proposals_cmd import command as proposals_command
+
+ALL: list = [make_synthetic, proposals_command, *PIPELINE, eval_command]

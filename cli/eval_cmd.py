@@ -1,0 +1,82 @@
+"""``sppdet eval``: VOC2007 AP of detections (comp4 files), devkit-exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.command("eval")
+@click.option("--voc2007", is_flag=True, help="Evaluate on a PASCAL VOC2007 split (required).")
+@click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
+@click.option("--split", required=True, help="Split to evaluate, e.g. val.")
+@click.option("--detections", type=_DIR, help="Directory of comp4_det_<split>_<class>.txt files.")
+@click.option("--run", "run_dir", type=_DIR, help="A trained run: detect over the split first.")
+@click.option("--scorer", type=click.Choice(["svm", "softmax"]), help="With --run: scores used.")
+@click.option("--layer", type=click.Choice(["fc7", "fc6", "pool5"]), help="With --run: SVM layer.")
+@click.option("--no-bbox-reg", is_flag=True, help="With --run: skip box regression.")
+@click.option("--name", help="With --run: output name under RUN/eval/ (default: the split).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write {map, ap} here.")
+@click.option("--use-2010-metric", is_flag=True, help="All-point AP (VOC2010+), not 11-point.")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list file.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
+@click.option("--plots", type=click.Path(path_type=Path), help="Write pr_curves.png here.")
+def command(
+    voc2007,
+    devkit,
+    split,
+    detections,
+    run_dir,
+    scorer,
+    layer,
+    no_bbox_reg,
+    name,
+    json_out,
+    use_2010_metric,
+    classes,
+    limit,
+    plots,
+):
+    """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored)."""
+    from sppdet.datasets import load_voc
+    from sppdet.storage import atomic_write_json
+    from sppdet.viz import plot_pr_curves
+    from sppdet.voc_eval import evaluate_comp4_dir, format_ap_table
+
+    if not voc2007:  # the only benchmark so far; the flag keeps room for others
+        raise click.UsageError("give the benchmark: --voc2007")
+    if (detections is None) == (run_dir is None):
+        raise click.UsageError("give exactly one of --detections DIR or --run RUN_DIR")
+    if run_dir is not None:
+        _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, json_out)
+        return
+    dataset = load_voc(devkit, split, classes=classes, limit=limit)
+    # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
+    result = evaluate_comp4_dir(
+        dataset, detections, use_07_metric=not use_2010_metric, strict=limit is None
+    )
+    click.echo(format_ap_table(result))
+    if json_out is not None:
+        atomic_write_json(json_out, result.to_json())
+    if plots is not None:
+        plot_pr_curves(result.per_class, plots / "pr_curves.png")
+
+
+def _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, json_out):
+    from sppdet.evaluate import evaluate_run
+    from sppdet.run import Run
+    from sppdet.storage import atomic_write_json
+    from sppdet.voc_eval import format_ap_table
+
+    run = Run.open(run_dir).with_test(
+        scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None
+    )
+    result, summary = evaluate_run(run, split, devkit=str(devkit), limit=limit, out_name=name)
+    click.echo(format_ap_table(result))
+    t = summary["seconds_per_image"]
+    click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
+    if json_out is not None:
+        atomic_write_json(json_out, result.to_json())

@@ -1,0 +1,42 @@
+"""The ``sppdet`` command: a click group whose commands are thin shells over library functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from sppdet.errors import SppdetError
+
+
+class _Group(click.Group):
+    """Turns :class:`SppdetError` into a one-line ``error:`` message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except SppdetError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """sppdet: SPP-net object detection (one conv pass per image, spatial pyramid pooling)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    # Imported here (not at module top) so each command module stays independent.
+    from sppdet_cli import commands
+
+    for command in commands.ALL:
+        cli.add_command(command)
+
+
+_register()

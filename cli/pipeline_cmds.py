@@ -1,0 +1,193 @@
+"""``extract``, ``finetune``, ``train-svm``, ``train-bbox``, ``train`` and ``detect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sppdet.backbones import BACKBONES
+from sppdet.scales import FIVE_SCALES
+
+_PRESETS = {"1": "688", "5": ",".join(map(str, FIVE_SCALES))}
+
+
+def _scales(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    value = _PRESETS.get(value, value)
+    try:
+        return [int(v) for v in value.replace(" ", ",").split(",") if v]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"scales must be integers like 688 or 480,576,688: {value}"
+        ) from exc
+
+
+@click.command("extract")
+@click.option("--devkit", required=True, type=click.Path(), help="VOCdevkit directory.")
+@click.option("--split", required=True, help="ImageSets/Main split, e.g. train or val.")
+@click.option("--out", "run_dir", required=True, type=click.Path(), help="Run directory.")
+@click.option(
+    "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2)."
+)
+@click.option("--weights", help="random, imagenet (torchvision download) or a state_dict PATH.")
+@click.option("--scales", help="Shorter sides: 688, '480,576,688,864,1200', or 1 / 5 presets.")
+@click.option("--max-size", type=int, help="Cap on the longer side (default 2000).")
+@click.option("--limit", type=int, help="First N images of the split only.")
+@click.option("--proposals", "import_path", type=click.Path(), help="Import .npz/.mat proposals.")
+@click.option("--config", "config_path", type=click.Path(), help="YAML deltas over the defaults.")
+@click.option("--no-cache", is_flag=True, help="Do not cache conv maps (recompute on the fly).")
+@click.option("--device", help="auto | cpu | cuda[:N].")
+@click.option("--workers", type=int, help="Processes for proposal computation.")
+def extract_command(
+    devkit,
+    split,
+    run_dir,
+    backbone,
+    weights,
+    scales,
+    max_size,
+    limit,
+    import_path,
+    config_path,
+    no_cache,
+    device,
+    workers,
+):
+    """Cache proposals and conv feature maps (one conv pass per image and scale)."""
+    from sppdet.extract import extract
+    from sppdet.run import Run, build_config
+
+    cfg = build_config(
+        config_path,
+        data={
+            "devkit": str(devkit),
+            "train_split": split,
+            "limit": limit,
+            "proposals": import_path,
+        },
+        features={
+            "backbone": backbone,
+            "weights": weights,
+            "scales": _scales(scales),
+            "max_size": max_size,
+            "cache": False if no_cache else None,
+        },
+    )
+    extra = {k: v for k, v in {"device": device, "workers": workers}.items() if v is not None}
+    if extra:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **extra)
+    run = Run.create(run_dir, cfg)
+    summary = extract(run, split, devkit=devkit, limit=limit)
+    click.echo(
+        f"extract {split}: {summary['images']} images, "
+        f"{summary['proposals_per_image']:.0f} proposals/image, "
+        f"{summary['computed']} maps computed in {summary['seconds']:.1f} s -> {run.root}"
+    )
+
+
+_RUN = click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+_QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+@click.command("finetune")
+@_RUN
+@_QUIET
+def finetune_command(run_dir, quiet):
+    """Fine-tune fc6/fc7/classifier on SPP vectors (conv layers frozen)."""
+    from sppdet.run import Run
+    from sppdet.train import run_finetune
+
+    m = run_finetune(Run.open(run_dir), progress=not quiet)
+    click.echo(f"finetune: loss {m['final_loss']:.3f}, held-out accuracy {m['heldout_accuracy']}")
+
+
+@click.command("train-svm")
+@_RUN
+@click.option(
+    "--layer",
+    type=click.Choice(["fc7", "fc6", "pool5"]),
+    default="fc7",
+    show_default=True,
+    help="Features the SVMs are trained on.",
+)
+@_QUIET
+def train_svm_command(run_dir, layer, quiet):
+    """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
+    from sppdet.run import Run
+    from sppdet.train import run_train_svm
+
+    s = run_train_svm(Run.open(run_dir), layer, progress=not quiet)
+    click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
+
+
+@click.command("train-bbox")
+@_RUN
+@_QUIET
+def train_bbox_command(run_dir, quiet):
+    """Per-class ridge box regressors on SPP (pool5) vectors."""
+    from sppdet.run import Run
+    from sppdet.train import run_train_bbox
+
+    s = run_train_bbox(Run.open(run_dir), progress=not quiet)
+    click.echo(f"train-bbox: done in {s['seconds']:.1f} s")
+
+
+@click.command("train")
+@_RUN
+@click.option(
+    "--layer", type=click.Choice(["fc7", "fc6", "pool5"]), default="fc7", show_default=True
+)
+@_QUIET
+def train_command(run_dir, layer, quiet):
+    """finetune -> train-svm -> train-bbox (each skipped when already done)."""
+    from sppdet.run import Run
+    from sppdet.train import run_train
+
+    t = run_train(Run.open(run_dir), layer=layer, progress=not quiet)
+    click.echo("train: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+
+
+@click.command("detect")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "json_out", type=click.Path(), help="Write detections as JSON.")
+@click.option("--out-image", type=click.Path(), help="PNG with boxes (one image) or a directory.")
+@click.option("--score-threshold", type=float, help="Minimum score to report.")
+@click.option("--scorer", type=click.Choice(["svm", "softmax"]))
+@click.option("--device", help="auto | cpu | cuda[:N].")
+def detect_command(images, run_dir, json_out, out_image, score_threshold, scorer, device):
+    """Detect objects in images with a trained run; print, draw and/or save them."""
+    from sppdet.predict import detect_images
+
+    results = detect_images(
+        [Path(p) for p in images],
+        run_dir,
+        out_image=out_image,
+        device=device,
+        score_threshold=score_threshold,
+        scorer=scorer,
+    )
+    for res in results:
+        click.echo(f"{res['image']}: {len(res['detections'])} detections")
+        for d in res["detections"]:
+            box = " ".join(f"{v:.1f}" for v in d["box"])
+            click.echo(f"  {d['class']:<14s} {d['score']:7.3f}  {box}")
+    if json_out:
+        from sppdet.storage import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(results, indent=2) + "\n")
+
+
+COMMANDS = [
+    extract_command,
+    finetune_command,
+    train_svm_command,
+    train_bbox_command,
+    train_command,
+    detect_command,
+]

@@ -1,0 +1,308 @@
+"""Conv backbones: a small table of builders, each declaring its stride, channels and offset.
+
+The conv layers are frozen (eval mode, no gradients) as in the paper (section 4.1: "the conv
+layers are not fine-tuned"). ``offset`` is the pixel on which cell 0's receptive field is centred
+(cell ``j`` is centred on ``stride * j + offset``), needed by the window mapping
+(:func:`sppdet.spp.map_windows`). :func:`measure_geometry` measures stride and offset from the
+network itself; the tests check every declared value against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from sppdet.errors import ConfigError, SppdetError
+from sppdet.storage import file_sha256
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Geometry and preprocessing of a backbone's tapped feature map."""
+
+    name: str
+    stride: int  # total stride S of the tapped map
+    channels: int  # C of the tapped map; the SPP vector has C * 50 dims
+    offset: float  # receptive-field centre of cell 0, in pixels
+    tap: str  # which layer is tapped, and why
+    torchvision_model: str | None  # torchvision model name for ``--weights imagenet``
+    input_size: int = 224  # the network's ImageNet crop size (R-CNN mode warps windows to it)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ZF5(nn.Sequential):
+    """ZF-5 (Zeiler & Fergus "fast" model) conv1-conv5 as used by SPP-net (paper table 1).
+
+    Paddings are ``floor(p / 2)`` for every conv and pool so conv5 has stride 16 and its cells are
+    centred on ``16 * j`` (paper appendix). Output: ``Tensor[N, 256, H/16, W/16]``.
+    """
+
+    def __init__(self) -> None:
+        lrn = {"size": 3, "alpha": 5e-5, "beta": 0.75, "k": 1.0}  # ZF / Caffe zf model LRN
+        super().__init__(
+            nn.Conv2d(3, 96, 7, stride=2, padding=3),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(**lrn),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(96, 256, 5, stride=2, padding=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(**lrn),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(256, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _tv_features(name: str) -> nn.Module:
+    """The full ``features`` trunk of a torchvision model, randomly initialised."""
+    model = torchvision.models.get_model(name, weights=None)
+    if name.startswith("resnet"):
+        return nn.Sequential(
+            model.conv1,
+            model.bn1,
+            model.relu,
+            model.maxpool,
+            model.layer1,
+            model.layer2,
+            model.layer3,
+            model.layer4,
+        )
+    return model.features
+
+
+def _mnv2_tap(full: nn.Module) -> nn.Module:
+    return nn.Sequential(*list(full.children())[:14])
+
+
+def _mnv2_576_tap(full: nn.Module) -> nn.Module:
+    blocks = list(full.children())
+    return nn.Sequential(*blocks[:14], blocks[14].conv[0])
+
+
+#: name -> (spec, builder of the full trunk, function cutting the trunk at the tap)
+_TABLE: dict[str, tuple[BackboneSpec, Callable[[], nn.Module], Callable[[nn.Module], nn.Module]]]
+_TABLE = {
+    "zf5": (
+        BackboneSpec("zf5", 16, 256, 0.0, "conv5 (the paper's SPP input)", None),
+        ZF5,
+        lambda m: m,
+    ),
+    "mobilenet_v2": (
+        BackboneSpec(
+            "mobilenet_v2",
+            16,
+            96,
+            0.0,
+            "features[13], the last stride-16 block (96 ch): the deepest map with conv5's stride",
+            "mobilenet_v2",
+        ),
+        lambda: _tv_features("mobilenet_v2"),
+        _mnv2_tap,
+    ),
+    "mobilenet_v2_576": (
+        BackboneSpec(
+            "mobilenet_v2_576",
+            16,
+            576,
+            0.0,
+            "features[14] expansion 1x1 conv (576 ch, stride 16), the SSDLite tap: wider than "
+            "features[13] at the same stride",
+            "mobilenet_v2",
+        ),
+        lambda: _tv_features("mobilenet_v2"),
+        _mnv2_576_tap,
+    ),
+    "alexnet": (
+        BackboneSpec("alexnet", 16, 256, 15.0, "conv5 + ReLU, before the last max pool", "alexnet"),
+        lambda: _tv_features("alexnet"),
+        lambda m: nn.Sequential(*list(m.children())[:12]),
+    ),
+    "vgg16": (
+        BackboneSpec("vgg16", 16, 512, 7.5, "conv5_3 + ReLU, before the last max pool", "vgg16"),
+        lambda: _tv_features("vgg16"),
+        lambda m: nn.Sequential(*list(m.children())[:30]),
+    ),
+    "resnet18": (
+        BackboneSpec("resnet18", 16, 256, 0.0, "layer3 (stride 16)", "resnet18"),
+        lambda: _tv_features("resnet18"),
+        lambda m: nn.Sequential(*list(m.children())[:7]),
+    ),
+    "resnet50": (
+        BackboneSpec("resnet50", 16, 1024, 0.0, "layer3 (stride 16)", "resnet50"),
+        lambda: _tv_features("resnet50"),
+        lambda m: nn.Sequential(*list(m.children())[:7]),
+    ),
+}
+
+BACKBONES: tuple[str, ...] = tuple(_TABLE)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` of ``name``; unknown names raise :class:`ConfigError`."""
+    if name not in _TABLE:
+        raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    return _TABLE[name][0]
+
+
+def build_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> nn.Module:
+    """Build the frozen tapped trunk of ``name``.
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        weights: ``None``/``"random"`` (random init from ``seed``), ``"imagenet"`` (torchvision
+            weights API; needs internet the first time), or a path to a ``state_dict`` of the
+            full torchvision trunk (e.g. ``mobilenet_v2().features``), of the whole torchvision
+            model, or of the tapped trunk itself. Loaded with ``weights_only=True``.
+    """
+    spec, build_full, tap = _TABLE[backbone_spec(name).name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = build_full()
+    if weights == "imagenet":
+        return _freeze(tap(_imagenet_trunk(spec)))
+    if weights not in (None, "random"):
+        return _freeze(_load_state(full, tap, Path(weights)))
+    return _freeze(tap(full))
+
+
+def weights_id(weights: str | None, seed: int = 0) -> str:
+    """What identifies the weights in a cache manifest (a file's sha256 for a path)."""
+    if weights in (None, "random"):
+        return f"random:seed={seed}"
+    if weights == "imagenet":
+        return "torchvision:DEFAULT"
+    path = Path(weights)
+    if not path.is_file():
+        raise SppdetError(f"weights file not found: {path}")
+    return "sha256:" + file_sha256(path)
+
+
+def _imagenet_trunk(spec: BackboneSpec) -> nn.Module:
+    if spec.torchvision_model is None:
+        raise ConfigError(
+            f"no ImageNet weights are available for {spec.name}; use --weights PATH or random"
+        )
+    try:
+        w = torchvision.models.get_model_weights(spec.torchvision_model).DEFAULT
+        model = torchvision.models.get_model(spec.torchvision_model, weights=w)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SppdetError(
+            f"could not get torchvision ImageNet weights for {spec.torchvision_model} "
+            f"({type(exc).__name__}: {exc}); without internet pass --weights PATH to a local "
+            "state_dict file"
+        ) from exc
+    if spec.name.startswith("resnet"):
+        return nn.Sequential(*list(model.children())[:8])
+    return model.features
+
+
+def _load_state(full: nn.Module, tap: Callable[[nn.Module], nn.Module], path: Path) -> nn.Module:
+    """Load ``path`` into the full trunk or, failing that, the tapped one; return the tap."""
+    if not path.is_file():
+        raise SppdetError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise SppdetError(f"cannot read weights {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise SppdetError(f"weights {path} is not a state_dict")
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    errors = []
+    for target in (full, tap(full)):
+        try:
+            target.load_state_dict(_strip_resnet(state, target), strict=True)
+            return tap(full)
+        except RuntimeError as exc:
+            errors.append(" ".join(str(exc).split())[:300])
+    raise SppdetError(f"weights {path} do not fit this backbone: {errors[0]}")
+
+
+def _strip_resnet(state: dict, target: nn.Module) -> dict:
+    """Map a full torchvision ResNet state_dict (conv1.*, layer1.*) onto our Sequential trunk."""
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if not any(k.startswith("layer1.") for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if head in names and names.index(head) < len(list(target.children())):
+            out[f"{names.index(head)}.{rest}"] = v
+    return out
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def normalize(images: Tensor, spec: BackboneSpec) -> Tensor:
+    """uint8 ``Tensor[N, 3, H, W]`` RGB -> float, ImageNet-normalised for the backbone."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def measure_geometry(module: nn.Module, size: int = 256) -> tuple[float, float]:
+    """Measure ``(stride, offset)`` of a conv trunk from its receptive fields.
+
+    A linearised copy (max pools -> average pools, nonlinearities and LRN -> identity, positive
+    weights, batch norm -> identity) makes the gradient support of an output cell equal its
+    theoretical receptive field; the centre of that support for two interior cells gives the
+    stride and the offset.
+    """
+    lin = _linearised(module)
+    x = torch.full((1, 3, size, size), 0.5, dtype=torch.float64, requires_grad=True)
+    out = lin(x)
+    h, w = out.shape[-2:]
+    centres = []
+    for j in (w // 2 - 1, w // 2):
+        (grad,) = torch.autograd.grad(out[0, :, h // 2, j].sum(), x, retain_graph=True)
+        cols = torch.nonzero(grad[0].abs().sum(dim=(0, 1)) > 0).flatten()
+        centres.append((cols.min() + cols.max()).item() / 2.0)
+    stride = centres[1] - centres[0]
+    return stride, centres[0] - stride * (w // 2 - 1)
+
+
+_IDENTITY_IN_LINEARISED = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LocalResponseNorm,
+    nn.Dropout,
+    nn.BatchNorm2d,
+)
+
+
+def _linearised(module: nn.Module) -> nn.Module:
+    lin = copy.deepcopy(module).double().eval()
+    for child in list(lin.modules()):
+        for cname, sub in list(child.named_children()):
+            if isinstance(sub, nn.MaxPool2d):
+                setattr(child, cname, nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding))
+            elif isinstance(sub, _IDENTITY_IN_LINEARISED):
+                setattr(child, cname, nn.Identity())
+    for m in lin.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 1.0 / m.weight[0].numel())
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return lin

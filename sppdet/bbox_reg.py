@@ -1,0 +1,359 @@
+"""Bounding-box regression (SPEC section 7): R-CNN box deltas and per-class ridge regressors.
+
+Parametrisation (R-CNN appendix C, ``rcnn_train_bbox_regressor.m``), on box centres and sizes in
+the internal convention of :mod:`sppdet.boxes` (width ``x2 - x1``, no "+1")::
+
+    tx = (Gx - Px) / Pw    ty = (Gy - Py) / Ph    tw = log(Gw / Pw)    th = log(Gh / Ph)
+
+Invariant (detectron2 ``Box2BoxTransform`` style, tested): ``decode(P, encode(P, G)) == G`` up to
+rounding, for proposals ``P`` with positive sizes and ``|tw|, |th| <= DELTA_CLIP``.
+
+Training follows ``spp_train_bbox_regressor.m`` (SPP-net) / ``rcnn_train_bbox_regressor.m``: one
+ridge regressor per class on ``[features, 1]`` (the bias is penalised like the weights), targets
+centred by their class mean. R-CNN also whitens the targets with ``T = cov^-1/2`` and predicts
+``Y T^-1 + mu``; ridge is linear in the targets, so that whitening does not change a single
+prediction. We store a per-coordinate ``std = sqrt(var + 0.001)`` (R-CNN's ``D + 0.001``) only
+to keep the solved weights of order one; it is a no-op for the predictions, too.
+
+Shape shorthand: ``N`` boxes, ``K`` classes, ``D`` feature dims, ``R`` rows kept for one class.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sppdet.boxes import box_iou
+from sppdet.errors import DataError
+from sppdet.storage import atomic_save_npz
+
+log = logging.getLogger(__name__)
+
+#: Upper clamp of ``tw, th`` before ``exp`` in :func:`decode` (Detectron ``BBOX_XFORM_CLIP``,
+#: detectron2 ``_DEFAULT_SCALE_CLAMP``): a box can grow at most 1000/16 times per side.
+DELTA_CLIP = math.log(1000.0 / 16)
+
+_VAR_EPS = 0.001  # R-CNN adds 0.001 to the target covariance eigenvalues before whitening
+
+
+def _parts(boxes):
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def encode(proposals, gt):
+    """R-CNN regression targets that map ``proposals`` onto ``gt``.
+
+    Args:
+        proposals: ``Array[..., 4]`` internal xyxy (numpy float32/float64 or torch tensor), with
+            positive widths and heights.
+        gt: ``Array[..., 4]`` matched ground-truth boxes, same shape.
+
+    Returns:
+        ``Array[..., 4]`` deltas ``(tx, ty, tw, th)``, the dtype/library of the inputs.
+    """
+    is_torch = isinstance(proposals, torch.Tensor)
+    if not is_torch:
+        dtype = np.result_type(np.asarray(proposals).dtype, np.asarray(gt).dtype, np.float32)
+        proposals, gt = np.asarray(proposals, dtype), np.asarray(gt, dtype)
+    px, py, pw, ph = _parts(proposals)
+    gx, gy, gw, gh = _parts(gt)
+    if bool((pw <= 0).any()) or bool((ph <= 0).any()):
+        raise ValueError("encode: proposals need positive width and height")
+    log_ = torch.log if is_torch else np.log
+    stack = torch.stack if is_torch else np.stack
+    return stack([(gx - px) / pw, (gy - py) / ph, log_(gw / pw), log_(gh / ph)], -1)
+
+
+def decode(proposals, deltas):
+    """Apply R-CNN ``deltas`` to ``proposals`` (inverse of :func:`encode`).
+
+    Args:
+        proposals: ``Array[..., 4]`` internal xyxy; broadcast against ``deltas`` (e.g. ``[N, 1, 4]``
+            with ``[N, K, 4]``).
+        deltas: ``Array[..., 4]`` ``(tx, ty, tw, th)``; ``tw, th`` are clamped at
+            :data:`DELTA_CLIP` so ``exp`` cannot overflow.
+
+    Returns:
+        ``Array[..., 4]`` boxes, internal xyxy.
+    """
+    is_torch = isinstance(deltas, torch.Tensor)
+    if is_torch:
+        proposals = torch.as_tensor(proposals, dtype=deltas.dtype, device=deltas.device)
+        dw = deltas[..., 2].clamp(max=DELTA_CLIP)
+        dh = deltas[..., 3].clamp(max=DELTA_CLIP)
+        exp, stack = torch.exp, torch.stack
+    else:
+        dtype = np.result_type(np.asarray(proposals).dtype, np.asarray(deltas).dtype, np.float32)
+        proposals, deltas = np.asarray(proposals, dtype), np.asarray(deltas, dtype)
+        dw = np.minimum(deltas[..., 2], DELTA_CLIP)
+        dh = np.minimum(deltas[..., 3], DELTA_CLIP)
+        exp, stack = np.exp, np.stack
+    px, py, pw, ph = _parts(proposals)
+    cx, cy = deltas[..., 0] * pw + px, deltas[..., 1] * ph + py
+    w, h = exp(dw) * pw, exp(dh) * ph
+    return stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+def match_training_rows(
+    proposals: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, min_iou: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pick the regression examples of one image (R-CNN ``get_examples``).
+
+    Each proposal goes to its highest-IoU ground truth (first on ties); it is kept when that IoU
+    is ``>= min_iou`` and takes that ground truth's class. R-CNN's proposal list also holds the
+    ground-truth boxes themselves (IoU 1, zero targets): pass them in ``proposals`` to do the same.
+
+    Returns:
+        ``rows`` ``Array[R]`` int64 indices into ``proposals``, ``matched`` ``Array[R, 4]`` their
+        ground-truth boxes, ``labels`` ``Array[R]`` int64 classes.
+    """
+    gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
+    gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
+    if len(gt_boxes) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    iou = box_iou(proposals, gt_boxes)
+    best = iou.argmax(axis=1)
+    rows = np.flatnonzero(iou[np.arange(len(iou)), best] >= min_iou).astype(np.int64)
+    return rows, gt_boxes[best[rows]], gt_labels[best[rows]]
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    """Box-regression training knobs (SPEC section 7)."""
+
+    min_iou: float = 0.5  # proposal-GT overlap to train on (SPP-net released code; R-CNN 0.6)
+    ridge_lambda: float = 4000.0  # ridge penalty (SPP-net released code; R-CNN 1000), on
+    # features scaled to mean L2 norm 20 as both codes do (``spp_scale_features``)
+    max_samples_per_class: int = 20000  # reservoir size per class, bounds memory at
+    # K * this * D * bytes (ours; R-CNN/SPP-net keep every sample in memory)
+    storage_dtype: Literal["float32", "float16"] = (
+        "float32"  # "float16" halves the reservoir's memory (ours)
+    )
+
+
+@dataclass(frozen=True)
+class BBoxRegressor:
+    """Trained per-class box regressors.
+
+    Attributes:
+        weights: ``Array[K, D, 4]`` float32, on whitened targets.
+        bias: ``Array[K, 4]`` float32.
+        target_mean: ``Array[K, 4]`` float32, per-class mean of the training deltas.
+        target_std: ``Array[K, 4]`` float32, per-class ``sqrt(var + 0.001)`` of the deltas.
+        num_samples: ``Array[K]`` int64, rows each class was fitted on.
+    """
+
+    weights: np.ndarray
+    bias: np.ndarray
+    target_mean: np.ndarray
+    target_std: np.ndarray
+    num_samples: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[0])
+
+    def deltas_all(self, features: np.ndarray) -> np.ndarray:
+        """Predicted deltas ``Array[N, K, 4]`` (float32) of every row for every class."""
+        k, d, _ = self.weights.shape
+        x = np.asarray(features, np.float32).reshape(-1, d)
+        w = self.weights.transpose(1, 0, 2).reshape(d, k * 4)
+        z = (x @ w).reshape(-1, k, 4) + self.bias
+        return z * self.target_std + self.target_mean
+
+    def predict_all(self, features: np.ndarray, proposals: np.ndarray) -> np.ndarray:
+        """Boxes ``Array[N, K, 4]`` (float32): each proposal regressed by each class."""
+        p = np.asarray(proposals, np.float32).reshape(-1, 1, 4)
+        return decode(p, self.deltas_all(features)).astype(np.float32)
+
+    def predict(
+        self, features: np.ndarray, proposals: np.ndarray, labels: np.ndarray
+    ) -> np.ndarray:
+        """Boxes ``Array[N, 4]`` (float32): row ``i`` regressed by class ``labels[i]``.
+
+        Rows with ``labels < 0`` keep their proposal.
+        """
+        x = np.asarray(features, np.float32).reshape(len(labels), -1)
+        out = np.asarray(proposals, np.float32).reshape(-1, 4).copy()
+        labels = np.asarray(labels, np.int64)
+        for c in np.unique(labels[labels >= 0]):
+            rows = np.flatnonzero(labels == c)
+            z = (x[rows] @ self.weights[c] + self.bias[c]) * self.target_std[c]
+            out[rows] = decode(out[rows], z + self.target_mean[c])
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` atomically."""
+        atomic_save_npz(path, **{f: getattr(self, f) for f in _FIELDS})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BBoxRegressor:
+        """Read what :meth:`save` wrote; a missing file or key is a :class:`DataError`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(**{f: z[f] for f in _FIELDS})
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise DataError(f"cannot read box regressors {path}: {exc}") from exc
+
+
+_FIELDS = ("weights", "bias", "target_mean", "target_std", "num_samples")
+
+
+def ridge_fit(
+    x: np.ndarray, y: np.ndarray, lam: float, *, form: str = "auto", device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solve ``min ||[x, 1] B - y||^2 + lam ||B||^2`` (bias penalised, as R-CNN) in float64.
+
+    The primal form factors a ``(D+1)^2`` matrix, the dual form an ``R^2`` one
+    (``B = [x, 1]^T (x x^T + 1 + lam I)^-1 y``); ``form="auto"`` picks the one with fewer flops.
+    Both are a Cholesky solve (R-CNN ``ridge_reg_chol``), run with torch on ``device``.
+
+    Args:
+        x: ``Array[R, D]`` features. y: ``Array[R, T]`` targets. lam: penalty, > 0.
+
+    Returns:
+        ``w`` ``Array[D, T]`` and ``b`` ``Array[T]``, float64.
+    """
+    r, d = x.shape
+    if form == "auto":
+        form = "dual" if r * r * (d + r / 3) < r * d * d + d**3 / 3 else "primal"
+    dev = torch.device(device)
+    yt = torch.as_tensor(np.asarray(y, np.float64), device=dev)
+    if form == "dual":
+        xt = torch.as_tensor(x, device=dev).double()
+        gram = xt @ xt.T + 1.0
+        gram.diagonal().add_(lam)
+        alpha = torch.cholesky_solve(yt, torch.linalg.cholesky(gram))
+        return (xt.T @ alpha).cpu().numpy(), alpha.sum(0).cpu().numpy()
+    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
+    rhs = torch.zeros(d + 1, yt.shape[1], dtype=torch.float64, device=dev)
+    for s in range(0, r, 4096):  # row chunks: never a float64 copy of all of x
+        xc = torch.as_tensor(x[s : s + 4096], device=dev).double()
+        xc = torch.cat([xc, torch.ones(len(xc), 1, dtype=xc.dtype, device=dev)], 1)
+        gram.addmm_(xc.T, xc)
+        rhs.addmm_(xc.T, yt[s : s + 4096])
+    gram.diagonal().add_(lam)
+    beta = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram)).cpu().numpy()
+    return beta[:-1], beta[-1]
+
+
+class _Reservoir:
+    """A uniform sample of at most ``cap`` rows of a stream (Vitter's algorithm R, batched)."""
+
+    def __init__(self, cap: int, dim: int, dtype: np.dtype) -> None:
+        self.cap, self.dim, self.dtype = cap, dim, dtype
+        self.x = np.zeros((0, dim), dtype)
+        self.y = np.zeros((0, 4), np.float64)
+        self.n, self.seen = 0, 0
+
+    def add(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
+        take = min(len(x), self.cap - self.n)
+        if take:
+            self._grow(self.n + take)
+            self.x[self.n : self.n + take], self.y[self.n : self.n + take] = x[:take], y[:take]
+            self.n += take
+        rest = np.arange(take, len(x))
+        if len(rest):
+            # row number t (0-based) of the stream replaces slot j ~ U{0..t} when j < cap
+            j = rng.integers(0, self.seen + rest + 1)
+            hit = j < self.cap
+            slots, src = j[hit], rest[hit]
+            # later rows win a slot drawn twice, as in the sequential algorithm
+            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
+            self.x[slots[last]], self.y[slots[last]] = x[src[last]], y[src[last]]
+        self.seen += len(x)
+
+    def _grow(self, need: int) -> None:
+        if need <= len(self.x):
+            return
+        size = min(self.cap, max(need, 2 * len(self.x), 256))
+        x, y = np.zeros((size, self.dim), self.dtype), np.zeros((size, 4), np.float64)
+        x[: self.n], y[: self.n] = self.x[: self.n], self.y[: self.n]
+        self.x, self.y = x, y
+
+
+class BBoxRegTrainer:
+    """Streams regression examples in, image by image, and fits one ridge per class.
+
+    Args:
+        num_classes: ``K`` (class indices ``0..K-1``, no background).
+        dim: ``D``, the feature length (scaled the same way at train and test time).
+        config: :class:`BBoxRegConfig`.
+        seed: the reservoir's random seed (training is deterministic given the stream).
+    """
+
+    def __init__(
+        self, num_classes: int, dim: int, config: BBoxRegConfig | None = None, seed: int = 0
+    ) -> None:
+        self.num_classes, self.dim = num_classes, dim
+        self.config = config or BBoxRegConfig()
+        self._rng = np.random.default_rng(seed)
+        cap, dtype = self.config.max_samples_per_class, np.dtype(self.config.storage_dtype)
+        self._res = [_Reservoir(cap, dim, dtype) for _ in range(num_classes)]
+
+    def add(
+        self,
+        features: np.ndarray,
+        proposals: np.ndarray,
+        gt_boxes: np.ndarray,
+        labels: np.ndarray,
+        ious: np.ndarray | None = None,
+    ) -> None:
+        """Add rows of one image.
+
+        Args:
+            features: ``Array[N, D]`` float32.
+            proposals: ``Array[N, 4]`` internal xyxy.
+            gt_boxes: ``Array[N, 4]`` the ground truth matched to each row.
+            labels: ``Array[N]`` int64 class index; ``-1`` skips the row.
+            ious: optional ``Array[N]`` IoU of each row with its ground truth; rows below
+                ``config.min_iou`` are skipped (e.g. from :func:`match_training_rows`).
+        """
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        keep = labels >= 0
+        if ious is not None:
+            keep &= np.asarray(ious).reshape(-1) >= self.config.min_iou
+        if not keep.any():
+            return
+        if labels[keep].max() >= self.num_classes:
+            raise ValueError(f"label {labels[keep].max()} >= num_classes {self.num_classes}")
+        features = np.asarray(features, np.float32).reshape(len(labels), self.dim)
+        rows = np.flatnonzero(keep)
+        p = np.asarray(proposals, np.float64).reshape(-1, 4)[rows]
+        targets = encode(p, np.asarray(gt_boxes, np.float64).reshape(-1, 4)[rows])
+        for c in np.unique(labels[rows]):
+            sel = labels[rows] == c
+            self._res[c].add(features[rows[sel]], targets[sel], self._rng)
+
+    def counts(self) -> tuple[list[int], list[int]]:
+        """Per class: rows held in the reservoir, rows seen."""
+        return [r.n for r in self._res], [r.seen for r in self._res]
+
+    def fit(self, device: str = "cpu") -> BBoxRegressor:
+        """Fit the per-class ridge regressors (torch on ``device``; ``"cuda"`` is much faster for
+        large ``D``). A class with no rows gets zero deltas (proposals pass unchanged)."""
+        k, d, lam = self.num_classes, self.dim, self.config.ridge_lambda
+        w = np.zeros((k, d, 4), np.float32)
+        b = np.zeros((k, 4), np.float32)
+        mean = np.zeros((k, 4), np.float32)
+        std = np.ones((k, 4), np.float32)
+        for c, res in enumerate(self._res):
+            if res.n == 0:
+                log.warning("bbox regression: class %d has no training rows", c)
+                continue
+            y = res.y[: res.n]
+            mu, sd = y.mean(0), np.sqrt(y.var(0) + _VAR_EPS)
+            wc, bc = ridge_fit(res.x[: res.n], (y - mu) / sd, lam, device=device)
+            w[c], b[c], mean[c], std[c] = wc, bc, mu, sd
+            log.info("bbox regression: class %d fitted on %d of %d rows", c, res.n, res.seen)
+        n = np.array([r.n for r in self._res], np.int64)
+        return BBoxRegressor(weights=w, bias=b, target_mean=mean, target_std=std, num_samples=n)

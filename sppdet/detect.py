@@ -1,0 +1,203 @@
+"""Test time: image -> scored, suppressed, regressed detections (SPEC section 8).
+
+Every window is scored by every class (linear SVMs on fc7, or the fine-tuned softmax), boxes
+are refined by the class's regressor, then per-class NMS at IoU 0.3
+(``torchvision.ops.batched_nms``) and a cap per image (Fast R-CNN: 100).
+
+Shape shorthand: ``N`` windows, ``K`` classes, ``M`` detections, ``D`` feature dims.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
+from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig, pool_windows
+
+STAGES = ("proposals", "conv", "spp", "fc", "svm", "bbox", "nms")
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Test-time knobs."""
+
+    scorer: str = "svm"  # "svm" (paper) or "softmax" (the fine-tuned 21-way layer, Fast R-CNN)
+    layer: str = "fc7"  # SVM feature layer: pool5 | fc6 | fc7 (paper's best: ft fc7)
+    bbox_reg: bool = True  # apply the class's box regressor (paper table 10 rows "bb")
+    nms_iou: float = 0.3  # per-class NMS threshold (R-CNN / SPP-net)
+    score_threshold: float = -1.5  # drop windows scoring below (SVM margin units); -inf keeps all
+    pre_nms_top_k: int = 300  # per class, before NMS (bounds NMS cost)
+    max_per_image: int = 100  # detections kept per image (Fast R-CNN, for evaluation)
+    fc_batch: int = 1024  # windows per fc forward pass (bounds memory)
+
+
+@dataclass
+class Detections:
+    """Detections of one image: ``boxes`` ``[M, 4]`` internal xyxy, ``scores`` ``[M]``,
+    ``labels`` ``[M]`` class index, ``timings`` seconds per stage."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, defaultdict(float)
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[stage] += now - self._t
+        self._t = now
+
+
+class Detector:
+    """A loaded model: call :meth:`detect` on images (the Python API of ``sppdet detect``).
+
+    Args:
+        extractor: frozen backbone + scales.
+        spp: window mapping / pyramid config.
+        head: fine-tuned :class:`~sppdet.finetune.FCHead` (``None`` only for pool5 SVMs).
+        svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``).
+        bbox: box regressor with ``predict_all(features, boxes) -> [N, K, 4]`` or ``None``.
+        bbox_scale: factor applied to pool5 vectors before the regressor.
+        classes: class names.
+        propose: function ``image -> Array[N, 4]`` used when no proposals are given.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        spp: SPPConfig,
+        head,
+        svms,
+        bbox,
+        bbox_scale: float,
+        classes: tuple[str, ...],
+        config: TestConfig,
+        propose=None,
+    ) -> None:
+        self.extractor, self.spp, self.head, self.svms = extractor, spp, head, svms
+        self.bbox, self.bbox_scale, self.classes, self.config = bbox, bbox_scale, classes, config
+        self.propose = propose
+        if config.scorer == "svm" and svms is None:
+            raise ValueError("scorer 'svm' needs trained SVMs")
+        if config.scorer == "softmax" and head is None:
+            raise ValueError("scorer 'softmax' needs a fine-tuned head")
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.device
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, proposals: np.ndarray | None = None) -> Detections:
+        """Detect objects in ``image`` (uint8 ``[H, W, 3]`` RGB).
+
+        Args:
+            proposals: ``Array[N, 4]`` internal xyxy windows; computed with ``propose`` if None.
+        """
+        t0 = time.perf_counter()
+        if proposals is None:
+            if self.propose is None:
+                raise ValueError("no proposals given and no proposal function configured")
+            proposals = self.propose(image)
+        t1 = time.perf_counter()
+        maps = self.extractor.compute(image)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        dets = self.detect_maps(maps, image.shape[:2], proposals)
+        dets.timings["proposals"] = dets.timings.get("proposals", 0.0) + t1 - t0
+        dets.timings["conv"] = t2 - t1
+        return dets
+
+    @torch.inference_mode()
+    def detect_maps(
+        self, maps: list[ScaleMap], size: tuple[int, int], proposals: np.ndarray
+    ) -> Detections:
+        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``."""
+        clock = _Clock(self.device)
+        h, w = size
+        boxes = clip_boxes(proposals, w, h)
+        boxes = boxes[valid_boxes_mask(boxes)]
+        boxes = boxes[unique_boxes(boxes)]
+        clock.lap("proposals")
+        if len(boxes) == 0:
+            return _empty(clock.times)
+        scores, regressed = self._score(maps, boxes, clock)
+        dets = self._suppress(boxes, scores, regressed, (w, h), clock)
+        dets.timings = dict(clock.times)
+        return dets
+
+    def _score(
+        self, maps: list[ScaleMap], boxes: np.ndarray, clock: _Clock
+    ) -> tuple[Tensor, Tensor | None]:
+        pool5 = pool_windows(maps, boxes, self.extractor.spec, self.spp)
+        clock.lap("spp")
+        cfg = self.config
+        scores, regressed = [], None
+        feats = []
+        for chunk in pool5.split(cfg.fc_batch):
+            if cfg.scorer == "softmax":
+                feats.append(torch.softmax(self.head(chunk), dim=1)[:, 1:])
+            else:
+                layer = cfg.layer
+                feats.append(chunk if layer == "pool5" else self.head.embed(chunk, layer))
+        x = torch.cat(feats)
+        clock.lap("fc")
+        if cfg.scorer == "softmax":
+            scores = x
+        else:
+            scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
+        clock.lap("svm")
+        if cfg.bbox_reg and self.bbox is not None:
+            feats_np = (pool5 * self.bbox_scale).cpu().numpy()
+            regressed = torch.as_tensor(
+                self.bbox.predict_all(feats_np, boxes), dtype=torch.float32, device=self.device
+            )
+        clock.lap("bbox")
+        return scores.float(), regressed
+
+    def _suppress(self, boxes, scores: Tensor, regressed, size, clock: _Clock) -> Detections:
+        cfg = self.config
+        n, k = scores.shape
+        base = torch.as_tensor(boxes, device=self.device)
+        cand_boxes, cand_scores, cand_labels = [], [], []
+        for c in range(k):
+            s = scores[:, c]
+            keep = torch.nonzero(s >= cfg.score_threshold).flatten()
+            if len(keep) > cfg.pre_nms_top_k:
+                keep = keep[s[keep].topk(cfg.pre_nms_top_k).indices]
+            b = regressed[keep, c] if regressed is not None else base[keep]
+            cand_boxes.append(b)
+            cand_scores.append(s[keep])
+            cand_labels.append(torch.full((len(keep),), c, dtype=torch.long, device=self.device))
+        b, s, lab = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_labels)
+        w, h = size
+        b = torch.as_tensor(clip_boxes(b.cpu().numpy(), w, h), device=self.device)
+        ok = torch.as_tensor(valid_boxes_mask(b.cpu().numpy()), device=self.device)
+        b, s, lab = b[ok], s[ok], lab[ok]
+        keep = batched_nms(b, s, lab, cfg.nms_iou)[: cfg.max_per_image]
+        clock.lap("nms")
+        return Detections(
+            b[keep].cpu().numpy().astype(np.float32),
+            s[keep].cpu().numpy().astype(np.float32),
+            lab[keep].cpu().numpy().astype(np.int64),
+        )
+
+
+def _empty(times) -> Detections:
+    return Detections(
+        np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), dict(times)
+    )

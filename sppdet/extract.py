@@ -1,0 +1,57 @@
+"""The ``extract`` stage: proposals + cached conv maps of a split (resumable, no-op when done)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm import tqdm
+
+from sppdet.imageio import load_image
+from sppdet.run import Run
+
+log = logging.getLogger(__name__)
+
+
+def extract(
+    run: Run,
+    split: str,
+    *,
+    devkit: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Make sure ``split`` has proposals and (if caching is on) every conv map on disk.
+
+    Maps already in the cache are skipped, so a killed extraction resumes where it stopped and a
+    finished one is a no-op. Returns a summary dict.
+    """
+    dataset = run.dataset(split, devkit=devkit, limit=limit)
+    proposals = run.proposals(dataset)
+    n_boxes = sum(len(proposals.boxes_for(r.image_id)) for r in dataset)
+    summary = {
+        "split": split,
+        "images": len(dataset),
+        "proposals_per_image": n_boxes / max(len(dataset), 1),
+        "computed": 0,
+        "seconds": 0.0,
+    }
+    cfg = run.config.features
+    if not cfg.cache:
+        log.info("feature caching is off: later stages compute conv maps on the fly")
+        return summary
+    provider = run.provider(split)
+    assert provider.cache is not None
+    todo = [r for r in dataset if not provider.cache.has(r.image_id, cfg.scales)]
+    if not todo:
+        log.info(
+            "all %d images of %s already cached in %s", len(dataset), split, provider.cache.root
+        )
+        return summary
+    t0 = time.perf_counter()
+    for rec in tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress):
+        provider.maps(rec.image_id, (rec.height, rec.width), lambda r=rec: load_image(r.path))
+    summary["computed"] = len(todo)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["images_per_second"] = len(todo) / max(summary["seconds"], 1e-9)
+    return summary

@@ -1,0 +1,221 @@
+"""One conv pass per image per scale, the fp16 feature-map cache, and pooling of windows.
+
+This is SPP-net's speed (paper section 4.1): the conv layers run once per image and scale, and
+every window is pooled from that map, instead of R-CNN's ~2,000 warped crops through the net.
+
+Shape shorthand: ``C`` channels, ``h x w`` map cells, ``N`` windows, ``D = C * B`` SPP dims.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from sppdet.backbones import BackboneSpec, backbone_spec, build_backbone, normalize, weights_id
+from sppdet.errors import CacheMismatchError
+from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
+from sppdet.spp import map_windows, spp_dim, spp_pool
+from sppdet.storage import atomic_save_npy, check_manifest, versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What determines a conv feature map (all of it goes into the cache manifest)."""
+
+    backbone: str = "mobilenet_v2"  # a key of sppdet.backbones.BACKBONES; the paper uses zf5
+    weights: str | None = None  # None/"random", "imagenet" (torchvision), or a state_dict path
+    seed: int = 0  # initialisation seed for random weights
+    scales: tuple[int, ...] = SINGLE_SCALE  # shorter-side sizes (paper 4.1: 688; 5-scale preset)
+    max_size: int = 2000  # cap on the longer side (Fast R-CNN MAX_SIZE)
+    cache: bool = True  # keep maps on disk; off -> later stages recompute them on the fly
+    dtype: str = "float16"  # cached map dtype (fp16 halves disk; SPP max pooling is exact in it)
+
+
+@dataclass(frozen=True)
+class SPPConfig:
+    """Window mapping and pyramid (paper appendix, section 4)."""
+
+    levels: tuple[int, ...] = (6, 3, 2, 1)  # detection pyramid: 50 bins (paper 4.1)
+    rule: str = "paper"  # "paper" (floor+1 / ceil-1) or "round" (released spm_response_boxes.m)
+    shrink: float = 0.0  # inward shift for the "round" rule, in pixels
+
+
+@dataclass(frozen=True)
+class ScaleMap:
+    """A conv map of one image at one scale: ``fmap`` ``Tensor[C, h, w]``, ``factor`` resize."""
+
+    fmap: Tensor
+    factor: float
+
+
+class FeatureExtractor:
+    """A frozen backbone on a device that turns an RGB image into its pyramid of conv maps."""
+
+    def __init__(self, config: FeatureConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.spec: BackboneSpec = backbone_spec(config.backbone)
+        self.net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.channels
+
+    def factors(self, height: int, width: int) -> list[float]:
+        """Resize factor of each configured scale for an image of this size."""
+        return [scale_factor(height, width, s, self.config.max_size) for s in self.config.scales]
+
+    @torch.inference_mode()
+    def compute(self, image: np.ndarray, *, flip: bool = False) -> list[ScaleMap]:
+        """Conv maps of ``image`` (uint8 ``[H, W, 3]`` RGB) at every scale, float32 on device."""
+        if flip:
+            image = image[:, ::-1]
+        h, w = image.shape[:2]
+        out = []
+        for f in self.factors(h, w):
+            nh, nw = resized_size(h, w, f)
+            interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+            resized = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=interp)
+            x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            fmap = self.net(normalize(x, self.spec))[0].float()
+            out.append(ScaleMap(fmap, f))
+        return out
+
+    def manifest(self) -> dict:
+        """Everything that determines the maps' content, for cache manifests."""
+        c = self.config
+        return {
+            "kind": "conv_feature_maps",
+            "backbone": c.backbone,
+            "weights": weights_id(c.weights, c.seed),
+            "scales": list(c.scales),
+            "max_size": c.max_size,
+            "dtype": c.dtype,
+            "tap": self.spec.tap,
+            "versions": {k: v for k, v in versions().items() if k in ("torch", "torchvision")},
+        }
+
+
+class FeatureCache:
+    """fp16 conv maps on disk, one ``.npy`` per (image, scale, flip), under a manifest.
+
+    Layout: ``<root>/manifest.json`` and ``<root>/s<scale>[_flip]/<image_id>.npy``. Files are
+    written atomically, so an interrupted extraction resumes by skipping existing files.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict) -> None:
+        self.root = Path(root)
+        check_manifest(self.root, manifest)
+        self.dtype = np.dtype(manifest["dtype"])
+
+    def path(self, image_id: str, scale: int, flip: bool) -> Path:
+        return self.root / f"s{scale}{'_flip' if flip else ''}" / f"{image_id}.npy"
+
+    def has(self, image_id: str, scales: Sequence[int], flip: bool = False) -> bool:
+        return all(self.path(image_id, s, flip).exists() for s in scales)
+
+    def load(self, image_id: str, scale: int, flip: bool = False) -> np.ndarray:
+        path = self.path(image_id, scale, flip)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CacheMismatchError(f"corrupt cached map {path} ({exc}); delete it") from exc
+
+    def save(self, image_id: str, scale: int, flip: bool, fmap: Tensor) -> None:
+        arr = fmap.detach().to("cpu").numpy().astype(self.dtype)
+        atomic_save_npy(self.path(image_id, scale, flip), arr)
+
+
+class MapProvider:
+    """Conv maps of dataset images: from the cache when present, else computed (and cached)."""
+
+    def __init__(self, extractor: FeatureExtractor, cache: FeatureCache | None) -> None:
+        self.extractor = extractor
+        self.cache = cache
+
+    def maps(
+        self,
+        image_id: str,
+        size: tuple[int, int],
+        load_image,
+        *,
+        flip: bool = False,
+        scales: Sequence[int] | None = None,
+    ) -> list[ScaleMap]:
+        """Maps of one image. ``size`` is ``(height, width)``; ``load_image()`` reads the pixels.
+
+        ``scales`` picks a subset of the configured scales (fine-tuning uses one random scale).
+        The resize factors are recomputed from ``size``, so cached maps need no side files.
+        """
+        all_scales = self.extractor.config.scales
+        want = tuple(scales) if scales is not None else all_scales
+        factors = dict(zip(all_scales, self.extractor.factors(*size), strict=True))
+        if self.cache is not None and self.cache.has(image_id, want, flip):
+            dev = self.extractor.device
+            return [
+                ScaleMap(
+                    torch.from_numpy(self.cache.load(image_id, s, flip)).to(dev).float(), factors[s]
+                )
+                for s in want
+            ]
+        maps = self.extractor.compute(load_image(), flip=flip)
+        if self.cache is not None:
+            for s, m in zip(all_scales, maps, strict=True):
+                self.cache.save(image_id, s, flip, m.fmap)
+        return [m for s, m in zip(all_scales, maps, strict=True) if s in want]
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror internal xyxy ``Array[N, 4]`` boxes in an image of ``width`` pixels."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, [0, 2]] = width - b[:, [2, 0]]
+    return b
+
+
+def pool_windows(
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+) -> Tensor:
+    """SPP vectors of windows given in original-image pixels.
+
+    Each window is pooled at ONE scale, the one where its area is closest to 224² (SPEC 2;
+    ``spm_expected_scale.m``); windows are grouped per scale, pooled in one batched call each and
+    written back by index (detectron2 ``ROIPooler`` style).
+
+    Args:
+        maps: the image's maps, one per scale.
+        boxes: ``Array[N, 4]`` internal xyxy in original image pixels.
+
+    Returns:
+        ``Tensor[N, C * B]`` float32 on the maps' device (``N = 0`` gives ``[0, D]``).
+    """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    dev = maps[0].fmap.device
+    dim = spp_dim(maps[0].fmap.shape[0], spp.levels)
+    out = torch.zeros((len(b), dim), device=dev)
+    if len(b) == 0:
+        return out
+    which = select_scales(b, [m.factor for m in maps]) if len(maps) > 1 else np.zeros(len(b), int)
+    for k, m in enumerate(maps):
+        idx = np.flatnonzero(which == k)
+        if len(idx) == 0:
+            continue
+        scaled = torch.from_numpy(b[idx] * m.factor).to(dev)
+        win = map_windows(
+            scaled,
+            stride=spec.stride,
+            offset=spec.offset,
+            fmap_size=tuple(m.fmap.shape[1:]),
+            rule=spp.rule,
+            shrink=spp.shrink,
+        )
+        out[torch.from_numpy(idx).to(dev)] = spp_pool(m.fmap, win, spp.levels)
+    return out

@@ -1,0 +1,483 @@
+"""Proposal store: one compact file per split, computed (resumably, in parallel) or imported.
+
+``RUN/proposals/<split>.npz`` uses the CSR layout of the shared precomputed file:
+
+* ``ids`` ``Array[I]`` str, in the dataset's image order;
+* ``offsets`` ``Array[I + 1]`` int64: image ``ids[i]`` owns ``boxes[offsets[i]:offsets[i + 1]]``;
+* ``boxes`` ``Array[M, 4]`` uint16, ``x1, y1, x2, y2`` in **0-based inclusive** pixels, rank order;
+* ``config`` (JSON string: how the boxes were made) and ``fingerprint`` (sha256 of it + the ids).
+
+The file holds no timings, so a resumed computation gives the same arrays as an uninterrupted one;
+timings go to ``<split>.stats.json`` beside it. While computing, each chunk of images is written
+atomically to ``<split>.parts/NNNNN.npz`` (the directory has a manifest of the settings): a rerun
+skips finished chunks, a rerun with other settings is refused, and the parts are merged into the
+store and deleted at the end.
+
+An image may own zero boxes (empty slice; :meth:`ProposalSet.boxes_for` returns ``Array[0, 4]``)
+and later stages must handle that. Computed stores never have one (selective search falls back to
+the whole image); imported ones can.
+
+Shape shorthand: ``I`` images, ``M`` boxes in all, ``N`` boxes of one image, ``G`` ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sppdet import boxes as B
+from sppdet import storage as S
+from sppdet.errors import CacheMismatchError, DataError
+from sppdet.proposals import ProposalConfig, backend_version, propose
+
+__all__ = ["ProposalSet", "load_proposal_set", "save_proposal_set", "ensure_proposals"]
+__all__ += ["compute_proposals", "import_proposals", "proposal_recall", "write_recall_report"]
+__all__ += ["store_path", "read_stats"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 16  # images per part file: the unit of work and of resumption
+
+
+@dataclass(frozen=True, eq=False)
+class ProposalSet:
+    """Proposals of a set of images in CSR layout (see the module docstring).
+
+    Attributes:
+        ids: ``Array[I]`` str image ids.
+        offsets: ``Array[I + 1]`` int64.
+        boxes: ``Array[M, 4]`` uint16, 0-based inclusive pixel coordinates.
+        config: how the boxes were made (``{}`` for a foreign file such as the shared one).
+        fingerprint: sha256 of ``config`` and ``ids`` (``""`` for a foreign file).
+        source: the file they were read from, for messages.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    source: str = "proposal set"
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.ids).astype(str).reshape(-1)
+        offsets = np.asarray(self.offsets, dtype=np.int64).reshape(-1)
+        b = np.asarray(self.boxes)
+        if b.dtype != np.uint16 or b.ndim != 2 or b.shape[1] != 4:
+            raise DataError(f"{self.source}: boxes must be uint16 [M, 4], not {b.dtype} {b.shape}")
+        if (
+            len(offsets) != len(ids) + 1
+            or offsets[0] != 0
+            or offsets[-1] != len(b)
+            or np.any(np.diff(offsets) < 0)
+        ):
+            raise DataError(f"{self.source}: offsets do not match ids and boxes")
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "offsets", offsets)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """``image id -> position`` in ``ids``."""
+        return {image_id: i for i, image_id in enumerate(self.ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.index
+
+    def num_boxes(self) -> np.ndarray:
+        """``Array[I]`` int64 number of boxes of each image."""
+        return np.diff(self.offsets)
+
+    def boxes_for(self, image_id: str) -> np.ndarray:
+        """``Array[N, 4]`` float32 internal xyxy boxes of ``image_id``; ``N`` may be 0.
+
+        Raises:
+            DataError: ``image_id`` is not in the set (the message names the file).
+        """
+        if image_id not in self.index:
+            raise DataError(f"no proposals for image {image_id} in {self.source}")
+        i = self.index[image_id]
+        return B.from_inclusive0(self.boxes[self.offsets[i] : self.offsets[i + 1]])
+
+
+def load_proposal_set(path: str | os.PathLike) -> ProposalSet:
+    """Read a proposal ``.npz``: a store, or a foreign file without config/fingerprint.
+
+    Raises:
+        DataError: missing file, missing arrays or inconsistent layout (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"proposal file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read proposal file {path}: {exc}") from exc
+    missing = [k for k in ("ids", "offsets", "boxes") if k not in arrays]
+    if missing:
+        raise DataError(f"proposal file {path} lacks array(s) {', '.join(missing)}")
+    config = json.loads(str(arrays["config"])) if "config" in arrays else {}
+    fp = str(arrays.get("fingerprint", ""))
+    return ProposalSet(arrays["ids"], arrays["offsets"], arrays["boxes"], config, fp, str(path))
+
+
+def save_proposal_set(path: str | os.PathLike, pset: ProposalSet) -> None:
+    """Atomically write ``pset`` in the store layout (uncompressed ``.npz``)."""
+    config = np.array(json.dumps(pset.config, sort_keys=True))
+    S.atomic_save_npz(path, ids=pset.ids, offsets=pset.offsets, boxes=pset.boxes, config=config,
+                      fingerprint=np.array(pset.fingerprint))  # fmt: skip
+
+
+def store_path(run_dir: str | os.PathLike, split: str) -> Path:
+    """``RUN/proposals/<split>.npz``."""
+    return Path(run_dir) / "proposals" / f"{split}.npz"
+
+
+def read_stats(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The timings ``<split>.stats.json`` written beside a store, or None."""
+    stats = Path(path).with_suffix(".stats.json")
+    return S.read_json(stats) if stats.is_file() else None
+
+
+def _csr(boxes: Sequence[np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Internal boxes per image -> (offsets ``Array[I + 1]``, uint16 inclusive ``Array[M, 4]``)."""
+    flat = np.concatenate([B.to_inclusive0(b) for b in boxes] or [np.zeros((0, 4), np.int64)])
+    if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(np.uint16).max):
+        raise DataError(f"{where}: box coordinates outside 0..65535 cannot be stored as uint16")
+    offsets = np.cumsum([0] + [len(b) for b in boxes], dtype=np.int64)
+    return offsets, flat.astype(np.uint16)
+
+
+def _finish(dataset, settings: dict, boxes: list[np.ndarray], path: Path, stats: dict):
+    """Write the store of ``dataset`` and its stats file; return the set."""
+    fp = S.fingerprint({"settings": settings, "ids": list(dataset.image_ids)})
+    offsets, flat = _csr(boxes, str(path))
+    pset = ProposalSet(np.array(dataset.image_ids), offsets, flat, settings, fp, str(path))
+    save_proposal_set(path, pset)
+    n = max(len(boxes), 1)
+    stats.update(images=len(boxes), boxes_per_image=sum(map(len, boxes)) / n)
+    stats["seconds_per_image"] = stats["seconds_total"] / n
+    S.atomic_write_json(path.with_suffix(".stats.json"), stats)
+    return pset
+
+
+# ----------------------------------------------------------------------------------- ensure
+
+
+def ensure_proposals(
+    dataset,
+    config: ProposalConfig,
+    run_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    import_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ProposalSet:
+    """Proposals of ``dataset`` in ``RUN/proposals/<split>.npz``: reused, imported or computed.
+
+    A finished store is reused when it was made as asked (an imported one whenever
+    ``import_path`` is None) and covers every image of ``dataset``. Otherwise the boxes are
+    imported from ``import_path``, or computed with ``config`` on ``workers`` processes
+    (resuming an interrupted computation).
+
+    Raises:
+        CacheMismatchError: the store or its unfinished parts were made with other settings, or
+            the store lacks images of ``dataset``. DataError: unreadable image or import file.
+    """
+    path = store_path(run_dir, dataset.split)
+    want = _import_settings(dataset, import_path) if import_path else _settings(dataset, config)
+    if path.is_file():
+        pset = load_proposal_set(path)
+        if import_path or pset.config.get("kind") != "import":
+            _check_same(path, pset.config, want)
+        missing = [i for i in dataset.image_ids if i not in pset]
+        if not missing:
+            log.info("reusing proposals %s (%d images, %s)", path, len(pset), pset.config["kind"])
+            return pset
+        if not import_path:
+            raise CacheMismatchError(
+                f"{path} lacks {len(missing)} image(s) of {dataset.name} (e.g. "
+                f"{', '.join(missing[:3])}); delete it or use another run directory"
+            )
+    if import_path:  # also when a store of the same file lacks images: importing is exact
+        return import_proposals(dataset, import_path, path, settings=want)
+    return compute_proposals(dataset, config, path, workers=workers, progress=progress)
+
+
+def _settings(dataset, config: ProposalConfig) -> dict[str, Any]:
+    kind = {"kind": "computed", "dataset": dataset.name, "split": dataset.split}
+    return S.canonical({**kind, "proposals": asdict(config), "library": backend_version(config)})
+
+
+def _import_settings(dataset, source: str | os.PathLike) -> dict[str, Any]:
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"proposal file to import not found: {source}")
+    kind = {"kind": "import", "dataset": dataset.name, "split": dataset.split}
+    return {**kind, "source": str(source.resolve()), "source_sha256": S.file_sha256(source)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_same(path: Path, stored: dict, want: dict) -> None:
+    """CacheMismatchError listing ``key: stored -> wanted`` (the import path itself may move)."""
+    old, new = _flat(stored), _flat(want)
+    keys = sorted((set(old) | set(new)) - {"source"})
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    if diffs:
+        raise CacheMismatchError(
+            f"{path} was made with other settings ({'; '.join(diffs)}); "
+            "delete it or use another run directory"
+        )
+
+
+# ---------------------------------------------------------------------------------- compute
+
+
+def compute_proposals(
+    dataset,
+    config: ProposalConfig,
+    path: str | os.PathLike,
+    *,
+    workers: int = 1,
+    chunk_size: int = CHUNK_SIZE,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> ProposalSet | None:
+    """Compute the proposals of ``dataset`` into the store ``path``, resuming finished chunks.
+
+    Each image is computed on its own with a fixed seed and chunks are merged in dataset order,
+    so the store does not depend on ``workers``, scheduling or interruptions.
+
+    Args:
+        workers: processes (1: this process); each runs OpenCV on one thread.
+        chunk_size: images per part file.
+        stop_after: compute at most this many missing chunks and return None if some are left
+            (what a killed run leaves behind; for tests).
+
+    Raises:
+        CacheMismatchError: ``<split>.parts`` holds work made with other settings.
+    """
+    path, ids = Path(path), list(dataset.image_ids)
+    settings, parts = _settings(dataset, config), path.with_suffix(".parts")
+    chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    fp = S.fingerprint({"settings": settings, "ids": ids})
+    S.check_manifest(parts, {"fingerprint": fp, "settings": settings, "chunk_size": chunk_size})
+    todo = [j for j in range(len(chunks)) if not (parts / f"{j:05d}.npz").is_file()]
+    if len(todo) < len(chunks):
+        log.info("resuming %s: %d of %d chunks done", parts, len(chunks) - len(todo), len(chunks))
+    tasks = [
+        (
+            parts / f"{j:05d}.npz",
+            [str(dataset.record(i).path) for i in chunks[j]],
+            chunks[j],
+            config,
+        )
+        for j in todo[:stop_after]
+    ]
+    _run_tasks(tasks, workers, progress, desc=f"proposals {dataset.split}")
+    if len(tasks) < len(todo):
+        return None
+    boxes, seconds = _merge_parts(parts, chunks)
+    pset = _finish(dataset, settings, boxes, path, {"kind": "computed", "seconds_total": seconds})
+    shutil.rmtree(parts, ignore_errors=True)
+    log.info("wrote %s (%d images, %d boxes)", path, len(ids), len(pset.boxes))
+    return pset
+
+
+def _run_tasks(tasks: list, workers: int, progress: bool, desc: str) -> None:
+    """Run :func:`_compute_chunk` over ``tasks`` here or on a pool of ``workers`` processes."""
+    import cv2
+
+    n_images = sum(len(t[2]) for t in tasks)
+    with tqdm(total=n_images, desc=desc, unit="img", disable=not progress or not tasks) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            threads = cv2.getNumThreads()
+            try:
+                for task in tasks:
+                    bar.update(_compute_chunk(task))
+            finally:
+                cv2.setNumThreads(threads)  # _compute_chunk set 1; give the caller its own back
+            return
+        # spawn: workers start clean, without threads or locks inherited from torch or the caller
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_compute_chunk, t) for t in tasks]):
+                bar.update(future.result())
+
+
+def _compute_chunk(task: tuple) -> int:
+    """Compute one chunk and write its part file atomically; return its number of images."""
+    import cv2
+
+    from sppdet.imageio import load_image
+
+    cv2.setNumThreads(1)  # one core per worker: the workers are the parallelism
+    part, paths, ids, config = task
+    boxes, seconds = [], []
+    for image_path in paths:
+        image = load_image(image_path)
+        start = time.perf_counter()
+        boxes.append(propose(image, config))
+        seconds.append(time.perf_counter() - start)
+    offsets, flat = _csr(boxes, str(part))
+    S.atomic_save_npz(part, ids=np.array(ids), offsets=offsets, boxes=flat, seconds=seconds)
+    return len(ids)
+
+
+def _merge_parts(parts: Path, chunks: list[list[str]]) -> tuple[list[np.ndarray], float]:
+    """Per-image internal boxes (chunk order) and the summed seconds of the part files."""
+    boxes: list[np.ndarray] = []
+    seconds = 0.0
+    for j, chunk in enumerate(chunks):
+        part = load_proposal_set(parts / f"{j:05d}.npz")
+        if part.ids.tolist() != chunk:
+            raise CacheMismatchError(f"{part.source} holds other images than expected; delete it")
+        boxes += [part.boxes_for(i) for i in chunk]
+        with np.load(part.source) as data:
+            seconds += float(data["seconds"].sum())
+    return boxes, seconds
+
+
+# ----------------------------------------------------------------------------------- import
+
+
+def import_proposals(
+    dataset, source: str | os.PathLike, path: str | os.PathLike, *, settings: dict | None = None
+) -> ProposalSet:
+    """Import precomputed boxes of ``dataset``'s images into the store ``path``.
+
+    ``source``: the shared ``.npz`` layout (``ids``, ``offsets``, uint16 0-based inclusive
+    ``boxes``) or an R-CNN selective-search ``.mat`` (cell arrays ``images`` and ``boxes``, each
+    box ``y1 x1 y2 x2`` 1-based inclusive). Boxes are clipped to the image, empty and duplicate
+    ones dropped, the order kept.
+
+    Raises:
+        DataError: unreadable file, or images of ``dataset`` missing from it (names a few).
+    """
+    source, path = Path(source), Path(path)
+    settings = settings or _import_settings(dataset, source)
+    start = time.perf_counter()
+    table = _read_mat(source) if source.suffix.lower() == ".mat" else load_proposal_set(source)
+    missing = [i for i in dataset.image_ids if i not in table]
+    if missing:
+        raise DataError(
+            f"{source} has no proposals for {len(missing)} of the {len(dataset)} images of "
+            f"{dataset.name} (e.g. {', '.join(missing[:5])})"
+        )
+    boxes = []
+    for r in dataset:
+        b = table[r.image_id] if isinstance(table, dict) else table.boxes_for(r.image_id)
+        b = B.clip_boxes(b, r.width, r.height)
+        b = b[B.valid_boxes_mask(b)]
+        boxes.append(b[B.unique_boxes(b)])
+    stats = {"kind": "import", "seconds_total": time.perf_counter() - start}
+    pset = _finish(dataset, settings, boxes, path, stats)
+    log.info("imported %s into %s (%d images)", source, path, len(dataset))
+    return pset
+
+
+def _read_mat(source: Path) -> dict[str, np.ndarray]:
+    """``image id -> Array[N, 4]`` internal xyxy from an R-CNN selective-search ``.mat``."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(source)
+    except (OSError, ValueError, NotImplementedError) as exc:  # NotImplementedError: v7.3 file
+        raise DataError(f"cannot read MAT file {source}: {exc}") from exc
+    if "images" not in mat or "boxes" not in mat:
+        raise DataError(f"MAT file {source} lacks the cell arrays 'images' and 'boxes'")
+    ids = [str(np.ravel(x)[0]) for x in np.ravel(mat["images"])]
+    cells = np.ravel(mat["boxes"])
+    if len(ids) != len(cells):
+        raise DataError(f"MAT file {source}: {len(ids)} images but {len(cells)} box arrays")
+    yxyx = [np.asarray(c, dtype=np.float64).reshape(-1, 4) for c in cells]
+    return {i: B.from_voc(b[:, [1, 0, 3, 2]]) for i, b in zip(ids, yxyx, strict=True)}
+
+
+# ----------------------------------------------------------------------------------- recall
+
+
+def proposal_recall(
+    dataset,
+    pset: ProposalSet,
+    *,
+    thresholds: Sequence[float] = (0.5, 0.7),
+    grid: Sequence[int] | None = None,
+    seconds_per_image: float | None = None,
+) -> dict[str, Any]:
+    """Recall and average best overlap of proposals over the non-difficult ground truth.
+
+    Each ground-truth box gets its best IoU (VOC "+1" overlap, through
+    :func:`sppdet.boxes.box_iou`) over its image's proposals. ``recall_<t>``: share with best IoU
+    ``>= t``; ``mabo``: mean over classes of the class's mean best IoU (ABO and MABO of Uijlings
+    et al. section 5.1); ``abo_all``: mean over all boxes. ``curve``: recall with only the first
+    ``k`` proposals of each image (stored order) for ``k`` on ``grid`` (default 1, 2, 5, 10, ...
+    and the largest count).
+
+    Returns:
+        JSON-ready dict with ``recall_<t>``, ``mabo``, ``abo_all``, ``boxes_per_image``,
+        ``seconds_per_image``, ``images``, ``gt_boxes``, ``abo_per_class`` and ``curve``.
+    """
+    counts = np.array([len(pset.boxes_for(i)) for i in dataset.image_ids], dtype=np.int64)
+    most = int(counts.max(initial=1))
+    default = [m * 10**e for e in range(7) for m in (1, 2, 5)]
+    ks = np.array(sorted({k for k in (grid or default) if k < most} | {most}))
+    best_k, labels = [np.zeros((0, len(ks)))], [np.zeros(0, np.int64)]
+    for r in dataset:
+        gt, props = r.boxes[~r.difficult], pset.boxes_for(r.image_id)
+        best = np.zeros((len(gt), len(ks)))
+        if len(gt) and len(props):
+            running = np.maximum.accumulate(B.box_iou(gt, props), axis=1)  # best of first k
+            best = running[:, np.minimum(ks, len(props)) - 1]
+        best_k.append(best)
+        labels.append(r.labels[~r.difficult])
+    best_k, labels = np.concatenate(best_k), np.concatenate(labels)
+    best = best_k[:, -1]
+    abo = {dataset.classes[c]: float(best[labels == c].mean()) for c in np.unique(labels)}
+    report: dict[str, Any] = {f"recall_{t}": _mean(best >= t) for t in thresholds}
+    report.update(mabo=_mean(np.array(list(abo.values()))), abo_all=_mean(best))
+    report.update(boxes_per_image=float(counts.mean()) if len(counts) else 0.0)
+    report.update(seconds_per_image=seconds_per_image, images=len(dataset), gt_boxes=len(best))
+    curve = {f"recall_{t}": (best_k >= t).mean(0).tolist() if len(best) else [] for t in thresholds}
+    report.update(abo_per_class=abo, curve={"num_boxes": ks.tolist(), **curve})
+    return report
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(np.mean(x)) if len(x) else None
+
+
+def write_recall_report(
+    report: dict[str, Any], json_path: str | os.PathLike, *, title: str
+) -> Path:
+    """Write ``report`` as JSON and its recall-vs-boxes curve as a PNG beside it; return the PNG."""
+    from sppdet.viz import plot_recall_curve
+
+    json_path = Path(json_path)
+    S.atomic_write_json(json_path, report)
+    curve = report["curve"]
+    lines = {f"IoU {k[7:]}": np.asarray(v) for k, v in curve.items() if k != "num_boxes" and v}
+    png = json_path.with_suffix(".png")
+    plot_recall_curve(np.asarray(curve["num_boxes"]), lines, png, title=title)
+    return png

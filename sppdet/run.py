@@ -1,0 +1,181 @@
+"""A run directory: its resolved config, the paths of every stage's output, shared objects.
+
+Layout::
+
+    RUN/config.yaml                      resolved config (written once; later stages read it)
+    RUN/proposals/<split>.npz            proposals per split (computed or imported)
+    RUN/features/<split>/                fp16 conv maps + manifest.json
+    RUN/finetune/model.pt, metrics.json  fine-tuned fc head (state_dict)
+    RUN/svm_<layer>/svm.npz              per-class linear SVMs
+    RUN/bbox/bbox.npz                    per-class box regressors
+    RUN/eval/<split>/                    comp4 files, eval.json, PR curves, timings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sppdet.bbox_reg import BBoxRegConfig
+from sppdet.configutil import merge, to_dict
+from sppdet.datasets import Dataset, load_voc
+from sppdet.detect import TestConfig
+from sppdet.device import resolve_device
+from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
+from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapProvider, SPPConfig
+from sppdet.finetune import FinetuneConfig
+from sppdet.proposal_store import ProposalSet, ensure_proposals
+from sppdet.proposals import ProposalConfig
+from sppdet.storage import atomic_write_text, canonical
+from sppdet.svm import SVMConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data is."""
+
+    devkit: str | None = None  # a VOCdevkit directory (or its VOC<year> subdirectory)
+    year: str = "2007"  # VOC<year>
+    train_split: str = "train"  # ImageSets/Main/<split>.txt used for training
+    limit: int | None = None  # first N training images only (quick runs)
+    classes: str | None = None  # class-list file; None: VOC<year>/classes.txt or the 20 VOC ones
+    proposals: str | None = None  # precomputed proposals (.npz / R-CNN .mat) to import
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run does, one frozen dataclass per stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    spp: SPPConfig = field(default_factory=SPPConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    workers: int = 1  # worker processes for proposal computation
+
+
+#: Sections whose change invalidates cached proposals / features of an existing run.
+_CACHE_SECTIONS = ("proposals", "features", "spp")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    return data
+
+
+def build_config(yaml_path: str | Path | None = None, **overrides: dict) -> RunConfig:
+    """Defaults, then the YAML deltas, then per-section overrides (from CLI options)."""
+    cfg = RunConfig()
+    if yaml_path is not None:
+        cfg = merge(cfg, load_yaml(yaml_path), str(yaml_path))
+    delta = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()}
+    return merge(cfg, {k: v for k, v in delta.items() if v}, "command line")
+
+
+class Run:
+    """A run directory with its config; the stages take one of these."""
+
+    def __init__(self, root: str | Path, config: RunConfig) -> None:
+        self.root = Path(root)
+        self.config = config
+
+    @classmethod
+    def create(cls, root: str | Path, config: RunConfig) -> Run:
+        """Create ``root`` with ``config``, or reopen it if its cached stages agree."""
+        root = Path(root)
+        path = root / CONFIG_FILE
+        if path.exists():
+            old = cls.open(root).config
+            diffs = [
+                s
+                for s in _CACHE_SECTIONS
+                if canonical(to_dict(getattr(old, s))) != canonical(to_dict(getattr(config, s)))
+            ]
+            if diffs:
+                raise CacheMismatchError(
+                    f"{root} was made with other {'/'.join(diffs)} settings (see {path}); "
+                    "use another --out directory"
+                )
+            return cls(root, old)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+        return cls(root, config)
+
+    @classmethod
+    def open(cls, root: str | Path) -> Run:
+        """Open an existing run directory."""
+        path = Path(root) / CONFIG_FILE
+        if not path.exists():
+            raise SppdetError(
+                f"{root} is not a run directory (no {CONFIG_FILE}); run extract first"
+            )
+        return cls(root, merge(RunConfig(), load_yaml(path), str(path)))
+
+    def with_test(self, **changes: Any) -> Run:
+        """The same run with test-time settings changed (not written to disk)."""
+        test = dataclasses.replace(
+            self.config.test, **{k: v for k, v in changes.items() if v is not None}
+        )
+        return Run(self.root, dataclasses.replace(self.config, test=test))
+
+    @cached_property
+    def device(self):
+        return resolve_device(self.config.device)
+
+    @cached_property
+    def extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.config.features, self.device)
+
+    def dataset(
+        self, split: str | None = None, *, devkit: str | None = None, limit: int | None = None
+    ) -> Dataset:
+        d = self.config.data
+        root = devkit or d.devkit
+        if root is None:
+            raise ConfigError("no devkit given: pass --devkit PATH")
+        split = split or d.train_split
+        lim = limit if limit is not None else (d.limit if split == d.train_split else None)
+        return load_voc(root, split, year=d.year, classes=d.classes, limit=lim)
+
+    def proposals(self, dataset: Dataset, import_path: str | None = None) -> ProposalSet:
+        """Proposals of ``dataset`` (imported from the run's file if one is configured)."""
+        path = import_path if import_path is not None else self.config.data.proposals
+        return ensure_proposals(
+            dataset,
+            self.config.proposals,
+            self.root,
+            workers=self.config.workers,
+            import_path=path,
+        )
+
+    def provider(self, split: str) -> MapProvider:
+        cache = None
+        if self.config.features.cache:
+            cache = FeatureCache(self.root / "features" / split, self.extractor.manifest())
+        return MapProvider(self.extractor, cache)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)

@@ -1,0 +1,189 @@
+"""Atomic file writes and cache manifests.
+
+Every file a stage writes goes to a temporary name in the same directory and is renamed into
+place, so a killed job never leaves a half-written file under the final name; a stage that finds
+its output file can trust it. Every cache directory holds a ``manifest.json`` with everything that
+determines its content; reusing the directory with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sppdet.errors import CacheMismatchError
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file + ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Atomically write arrays as an uncompressed ``.npz``."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Atomically write one array as ``.npy``."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Atomically ``torch.save`` a state_dict-like object (tensors, numbers, strings, dicts)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` round-tripped through JSON (tuples -> lists, paths -> str), for comparisons."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
+def fingerprint(obj: Any) -> str:
+    """A sha256 hex digest of ``obj``'s canonical JSON form."""
+    text = json.dumps(canonical(obj), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            name = f"{prefix}.{key}" if prefix else key
+            if key not in old:
+                out.append(f"{name}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} -> (absent)")
+            else:
+                out.extend(_diff(old[key], new[key], name))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_manifest(directory: str | os.PathLike, content: Mapping[str, Any]) -> None:
+    """Create ``directory/manifest.json`` holding ``content``, or verify that it matches.
+
+    Raises:
+        CacheMismatchError: the directory was made with other settings; the message lists each
+            differing key as ``key: cached -> requested``.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    new = canonical(dict(content))
+    if path.exists():
+        old = read_json(path)
+        diffs = _diff(old, new)
+        if diffs:
+            raise CacheMismatchError(
+                f"{directory} was made with other settings ({'; '.join(diffs)}); "
+                "use another output directory or delete it"
+            )
+        return
+    atomic_write_json(path, new)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that determine numerical results."""
+    import sklearn
+    import torch
+    import torchvision
+
+    import sppdet
+
+    return {
+        "sppdet": sppdet.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The current git commit of the source tree (with ``-dirty`` if modified), or ``unknown``."""
+    where = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")

@@ -1,0 +1,213 @@
+"""Training stages over a run: fine-tune -> SVMs -> box regressors (SPEC sections 5-7).
+
+Each stage writes its outputs atomically under the run directory and skips itself when they are
+complete; features are streamed one image at a time, never all held at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sppdet.bbox_reg import BBoxRegressor, BBoxRegTrainer
+from sppdet.configutil import to_dict
+from sppdet.errors import SppdetError
+from sppdet.features import flip_boxes, pool_windows
+from sppdet.finetune import LAYERS, FCHead, finetune, load_head
+from sppdet.imageio import load_image
+from sppdet.run import Run
+from sppdet.storage import atomic_write_json, check_manifest, file_sha256, read_json
+from sppdet.svm import LinearSVMs, SVMTrainer, feature_scale_from_samples
+from sppdet.windows import label_windows
+
+log = logging.getLogger(__name__)
+
+#: Images sampled to estimate the mean feature norm (R-CNN rcnn_feature_stats samples 200).
+NORM_SAMPLE_IMAGES = 50
+
+
+def _stage_manifest(run: Run, *sections: str) -> dict:
+    c = run.config
+    out = {"features": run.extractor.manifest(), "spp": to_dict(c.spp), "data": to_dict(c.data)}
+    out.update({s: to_dict(getattr(c, s)) for s in sections})
+    return out
+
+
+def run_finetune(run: Run, *, progress: bool = True) -> dict:
+    """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
+    out = run.path("finetune")
+    check_manifest(out, _stage_manifest(run, "finetune"))
+    if (out / "model.pt").exists():
+        log.info("fine-tuning already done: %s", out / "model.pt")
+        return read_json(out / "metrics.json")
+    ds = run.dataset()
+    props = run.proposals(ds)
+    return finetune(
+        ds.records,
+        props,
+        run.provider(ds.split),
+        run.config.spp,
+        len(ds.classes),
+        run.config.finetune,
+        out,
+        progress=progress,
+    )
+
+
+def _model_id(run: Run) -> str:
+    path = run.path("finetune", "model.pt")
+    if not path.exists():
+        raise SppdetError(f"no fine-tuned model at {path}; run `sppdet finetune {run.root}` first")
+    return "sha256:" + file_sha256(path)
+
+
+def _head(run: Run, layer: str) -> FCHead | None:
+    if layer == "pool5" and run.config.test.scorer != "softmax":
+        return None
+    path = run.path("finetune", "model.pt")
+    if not path.exists():
+        raise SppdetError(f"no fine-tuned model at {path}; run `sppdet finetune {run.root}` first")
+    return load_head(path, run.device)
+
+
+def _image_features(run: Run, provider, rec, boxes, head, layer, flip=False) -> torch.Tensor:
+    """``Tensor[N, D]`` features of ``boxes`` of one image at ``layer`` (pool5 = SPP vector)."""
+    maps = provider.maps(
+        rec.image_id, (rec.height, rec.width), lambda: load_image(rec.path), flip=flip
+    )
+    b = flip_boxes(boxes, rec.width) if flip else boxes
+    with torch.inference_mode():
+        x = pool_windows(maps, b, run.extractor.spec, run.config.spp)
+        if layer == "pool5" or head is None:
+            return x
+        return torch.cat([head.embed(c, layer) for c in x.split(run.config.test.fc_batch)])
+
+
+def _labelled(ds, props) -> Iterator:
+    for rec in ds:
+        keep = ~rec.difficult  # difficult objects are not used for training (py-faster-rcnn)
+        lw = label_windows(
+            props.boxes_for(rec.image_id), rec.boxes[keep], rec.labels[keep], len(ds.classes)
+        )
+        yield rec, lw, rec.labels[keep]
+
+
+def _norm_scale(run, ds, props, provider, head, layer, target: float) -> float:
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(ds), min(NORM_SAMPLE_IMAGES, len(ds)), replace=False)
+    samples = []
+    for i in sorted(idx.tolist()):
+        rec = ds.records[i]
+        boxes = props.boxes_for(rec.image_id)
+        if len(boxes):
+            pick = boxes[rng.choice(len(boxes), min(200, len(boxes)), replace=False)]
+            samples.append(_image_features(run, provider, rec, pick, head, layer).cpu().numpy())
+    if not samples:
+        return 1.0
+    return feature_scale_from_samples(np.concatenate(samples), target)
+
+
+def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dict:
+    """Per-class linear SVMs with hard-negative mining on ``layer`` features (SPEC section 6)."""
+    if layer not in LAYERS:
+        raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
+    out = run.path(f"svm_{layer}")
+    finetuned = layer != "pool5"
+    manifest = _stage_manifest(run, "svm")
+    if finetuned:
+        # The SVMs are only valid for the exact fc weights they were trained on.
+        manifest["finetune_model"] = _model_id(run)
+    check_manifest(out, manifest)
+    if (out / "svm.npz").exists():
+        log.info("SVMs already trained: %s", out / "svm.npz")
+        return read_json(out / "stats.json")
+    t0 = time.perf_counter()
+    ds = run.dataset()
+    props = run.proposals(ds)
+    provider = run.provider(ds.split)
+    head = _head(run, layer) if finetuned else None
+    scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
+    trainer = None
+    for rec, lw, _ in tqdm(
+        _labelled(ds, props), total=len(ds), desc=f"svm {layer}", disable=not progress
+    ):
+        x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
+        if trainer is None:
+            trainer = SVMTrainer(len(ds.classes), x.shape[1], run.config.svm, feature_scale=scale)
+        gt_labels = np.full(len(lw.boxes), -1, dtype=np.int64)
+        gt_labels[lw.is_gt] = rec.labels[~rec.difficult]
+        trainer.add_image(x, lw.is_gt, gt_labels, lw.class_iou, boxes=lw.boxes)
+    if trainer is None:
+        raise SppdetError("no training images")
+    svms = trainer.finish()
+    stats = trainer.stats()
+    svms.save(out / "svm.npz")
+    summary = {
+        "layer": layer,
+        "feature_scale": scale,
+        "seconds": time.perf_counter() - t0,
+        "classes": dict(zip(ds.classes, stats, strict=True)),
+    }
+    atomic_write_json(out / "stats.json", summary)
+    return summary
+
+
+def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
+    """Per-class ridge regressors from SPP (pool5) vectors to R-CNN deltas (SPEC section 7)."""
+    out = run.path("bbox")
+    check_manifest(out, _stage_manifest(run, "bbox"))
+    if (out / "bbox.npz").exists():
+        log.info("box regressors already trained: %s", out / "bbox.npz")
+        return read_json(out / "stats.json")
+    t0 = time.perf_counter()
+    ds = run.dataset()
+    props = run.proposals(ds)
+    provider = run.provider(ds.split)
+    cfg = run.config.bbox
+    scale = _norm_scale(run, ds, props, provider, None, "pool5", run.config.svm.target_norm)
+    trainer = None
+    for rec, lw, labels in tqdm(
+        _labelled(ds, props), total=len(ds), desc="bbox", disable=not progress
+    ):
+        sel = np.flatnonzero((lw.max_iou >= cfg.min_iou) & (lw.gt_index >= 0))
+        if len(sel) == 0:
+            continue
+        x = _image_features(run, provider, rec, lw.boxes[sel], None, "pool5").cpu().numpy()
+        if trainer is None:
+            trainer = BBoxRegTrainer(len(ds.classes), x.shape[1], cfg)
+        gt = rec.boxes[~rec.difficult][lw.gt_index[sel]]
+        trainer.add(x * scale, lw.boxes[sel], gt, labels[lw.gt_index[sel]])
+    if trainer is None:
+        raise SppdetError("no training windows overlap a ground truth box")
+    model: BBoxRegressor = trainer.fit()
+    model.save(out / "bbox.npz")
+    summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
+    atomic_write_json(out / "stats.json", summary)
+    return summary
+
+
+def run_train(run: Run, *, layer: str = "fc7", progress: bool = True) -> dict:
+    """finetune -> train-svm -> train-bbox, each skipped when already complete."""
+    timings = {}
+    for name, fn in (
+        ("finetune", lambda: run_finetune(run, progress=progress)),
+        ("svm", lambda: run_train_svm(run, layer, progress=progress)),
+        ("bbox", lambda: run_train_bbox(run, progress=progress)),
+    ):
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t0
+    return timings
+
+
+def load_svms(run: Run, layer: str) -> LinearSVMs:
+    path = run.path(f"svm_{layer}", "svm.npz")
+    if not path.exists():
+        raise SppdetError(f"no SVMs at {path}; run `sppdet train-svm {run.root} --layer {layer}`")
+    return LinearSVMs.load(path)

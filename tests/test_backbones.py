@@ -1,0 +1,266 @@
+"""Tests of sppdet.backbones: declared geometry vs measured, frozen trunks, weight loading."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sppdet.backbones import (
+    BACKBONES,
+    backbone_spec,
+    build_backbone,
+    measure_geometry,
+    normalize,
+    weights_id,
+)
+from sppdet.errors import ConfigError, SppdetError
+from sppdet.storage import file_sha256
+
+#: Input size for measure_geometry: the receptive field of the tapped cells must fit inside it
+#: (with a clipped field the measured centres are wrong). Smallest sizes that fit, for speed.
+GEOMETRY_SIZE = {
+    "zf5": 192,
+    "mobilenet_v2": 320,
+    "mobilenet_v2_576": 320,
+    "alexnet": 256,
+    "vgg16": 256,
+    "resnet18": 256,
+    "resnet50": 320,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine the many tiny depthwise float64 convs of
+    measure_geometry run up to 20x slower with two OpenMP threads than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """``name -> frozen trunk``, each built once for the module (vgg16 takes seconds)."""
+    cache: dict[str, nn.Module] = {}
+
+    def get(name: str) -> nn.Module:
+        if name not in cache:
+            cache[name] = build_backbone(name)
+        return cache[name]
+
+    return get
+
+
+def test_every_backbone_has_a_geometry_size():
+    assert set(GEOMETRY_SIZE) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_declared_geometry_equals_measured(name, built):
+    spec = backbone_spec(name)
+    stride, offset = measure_geometry(built(name), size=GEOMETRY_SIZE[name])
+    assert (stride, offset) == (spec.stride, spec.offset)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="measure_geometry's default size=256 is smaller than the receptive field of "
+    "mobilenet_v2 features[13]; the clipped field gives (5.0, 87.5) silently",
+)
+def test_measure_geometry_default_size_is_not_silently_wrong(built):
+    # Either the right answer or an error; never a wrong number.
+    try:
+        geometry = measure_geometry(built("mobilenet_v2"))
+    except ValueError:
+        return
+    assert geometry == (16.0, 0.0)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_channels_and_frozen(name, built):
+    net = built(name)
+    spec = backbone_spec(name)
+    assert spec.name == name
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 64, 96))
+    assert out.shape[:2] == (1, spec.channels)
+    assert not net.training
+    assert all(not m.training for m in net.modules())
+    params = list(net.parameters())
+    assert params
+    assert all(not p.requires_grad for p in params)
+
+
+def test_stride_16_map_size():
+    net = build_backbone("zf5")
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 112)).shape == (1, 256, 4, 7)
+
+
+def test_unknown_backbone_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown backbone 'zf6'"):
+        backbone_spec("zf6")
+    with pytest.raises(ConfigError, match="zf5"):  # the message lists the known names
+        build_backbone("zf6")
+
+
+def test_random_weights_depend_on_seed_only():
+    state = torch.random.get_rng_state()
+    a = build_backbone("zf5", seed=3).state_dict()
+    b = build_backbone("zf5", "random", seed=3).state_dict()
+    c = build_backbone("zf5", seed=4).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["0.weight"], c["0.weight"])
+
+
+# ---------------------------------------------------------------- weights from a file
+
+
+@pytest.fixture(scope="module")
+def mnv2(tmp_path_factory):
+    """A freshly built torchvision mobilenet_v2 (eval) and its state_dicts saved to files."""
+    torch.manual_seed(123)
+    model = torchvision.models.mobilenet_v2().eval()
+    root = tmp_path_factory.mktemp("weights")
+    paths = {"features": root / "features.pt", "model": root / "model.pt"}
+    torch.save(model.features.state_dict(), paths["features"])
+    torch.save(model.state_dict(), paths["model"])
+    return model, paths
+
+
+def test_load_features_state_dict_gives_identical_outputs(mnv2):
+    model, paths = mnv2
+    net = build_backbone("mobilenet_v2", str(paths["features"]))
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.features[:14](x)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    assert all(not p.requires_grad for p in net.parameters())
+    assert not net.training
+
+
+def test_load_whole_model_state_dict(mnv2):
+    model, paths = mnv2
+    net = build_backbone("mobilenet_v2", str(paths["model"]))
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model.features[:14](x), rtol=0, atol=0)
+
+
+def test_load_tapped_trunk_state_dict(mnv2, tmp_path):
+    model, paths = mnv2
+    first = build_backbone("mobilenet_v2", str(paths["features"]))
+    path = tmp_path / "tap.pt"
+    torch.save(first.state_dict(), path)
+    again = build_backbone("mobilenet_v2", str(path))
+    for k, v in first.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+
+
+def test_load_576_tap_from_features(mnv2):
+    model, paths = mnv2
+    net = build_backbone("mobilenet_v2_576", str(paths["features"]))
+    x = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.features[14].conv[0](model.features[:14](x))
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
+def test_load_torchvision_resnet18_state_dict(tmp_path):
+    # A whole torchvision ResNet state_dict (conv1.*, layer1.*, fc.*) onto the Sequential trunk.
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18().eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(model.state_dict(), path)
+    net = build_backbone("resnet18", str(path))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    trunk = nn.Sequential(
+        model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), trunk(x), rtol=0, atol=0)
+
+
+def test_wrong_state_dict_is_an_sppdet_error(tmp_path):
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(SppdetError, match="do not fit") as info:
+        build_backbone("mobilenet_v2", str(path))
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_not_a_state_dict_is_an_sppdet_error(tmp_path):
+    tensor_file = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(SppdetError, match="not a state_dict"):
+        build_backbone("zf5", str(tensor_file))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a torch file")
+    with pytest.raises(SppdetError, match="cannot read weights"):
+        build_backbone("zf5", str(garbage))
+
+
+def test_missing_weights_file_is_an_sppdet_error(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(SppdetError, match="not found"):
+        build_backbone("mobilenet_v2", str(missing))
+    with pytest.raises(SppdetError, match="not found"):
+        weights_id(str(missing))
+
+
+def test_weights_id(tmp_path):
+    assert weights_id(None) == weights_id("random") == "random:seed=0"
+    assert weights_id(None, seed=5) == "random:seed=5"
+    assert weights_id("imagenet") == "torchvision:DEFAULT"
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.ones(2)}, path)
+    assert weights_id(str(path)) == "sha256:" + file_sha256(path)
+
+
+# ---------------------------------------------------------------- ImageNet weights offline
+
+
+@pytest.mark.parametrize(
+    "exc", [OSError("Network is unreachable"), urllib.error.URLError("no route to host")]
+)
+def test_imagenet_weights_offline_is_an_sppdet_error(monkeypatch, exc):
+    real_get_model = torchvision.models.get_model
+
+    def offline_get_model(name, **kwargs):
+        if kwargs.get("weights") is not None:
+            raise exc  # what a download attempt raises without internet
+        return real_get_model(name, **kwargs)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the test must not touch the network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline_get_model)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    with pytest.raises(SppdetError, match="--weights PATH") as info:
+        build_backbone("mobilenet_v2", "imagenet")
+    assert "\n" not in str(info.value)
+
+
+def test_imagenet_weights_for_zf5_do_not_exist():
+    with pytest.raises(ConfigError, match="--weights PATH"):
+        build_backbone("zf5", "imagenet")
+
+
+def test_normalize():
+    spec = backbone_spec("zf5")
+    img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    out = normalize(img, spec)
+    assert out.dtype == torch.float32
+    expected = [-m / s for m, s in zip(spec.mean, spec.std, strict=True)]
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
+    full = normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8), spec)
+    expected = [(1 - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
+    torch.testing.assert_close(full[0, :, 0, 0], torch.tensor(expected))

@@ -1,0 +1,216 @@
+"""Tests of sppdet.svm: the liblinear fit, hard-negative mining, scaling, model I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sppdet.errors import DataError
+from sppdet.svm import (
+    HardNegativeCache,
+    LinearSVMs,
+    SVMConfig,
+    SVMTrainer,
+    dedup_negatives,
+    feature_scale_from_samples,
+    svm_objective,
+    train_linear_svm,
+)
+
+D = 32
+# C = 0.001 suits ~10^4 samples of norm 20 (R-CNN); these tests have tens of samples
+CFG = SVMConfig(C=1.0, tol=1e-4, max_iter=10000)
+
+
+def blob(rng, n, x0, spread=0.1):
+    """``n`` points at ``x0`` along axis 0, a small Gaussian around it in every axis."""
+    x = rng.normal(0, spread, (n, D)).astype(np.float32)
+    x[:, 0] += x0
+    return x
+
+
+def image(rng, n_pos, close, far, cls=0, k=2, close_x0=-0.3):
+    """Rows of one synthetic image: GT positives of class ``cls`` then close and far negatives.
+
+    ``close`` negatives sit near the decision boundary; ``far`` ones are trivially negative.
+    Every row has IoU 0 with every ground truth except the GT rows themselves.
+    """
+    x = np.concatenate([blob(rng, n_pos, 3.0), blob(rng, close, close_x0), blob(rng, far, -30.0)])
+    n = len(x)
+    is_gt = np.arange(n) < n_pos
+    labels = np.where(is_gt, cls, -1)
+    iou = np.zeros((n, k), np.float32)
+    iou[is_gt, cls] = 1.0
+    return x, is_gt, labels, iou
+
+
+def test_feature_scale_from_samples():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 3, (500, 64))
+    s = feature_scale_from_samples(x, 20.0)
+    assert np.linalg.norm(x * s, axis=1).mean() == pytest.approx(20.0)
+    with pytest.raises(ValueError):
+        feature_scale_from_samples(np.zeros((3, 4)))
+
+
+def test_svm_separates_two_blobs():
+    rng = np.random.default_rng(1)
+    pos, neg = blob(rng, 60, 2.0, 1.0), blob(rng, 200, -2.0, 1.0)
+    w, b, converged = train_linear_svm(pos, neg, CFG)
+    assert converged
+    st = svm_objective(w, b, pos, neg, CFG)
+    assert st["train_accuracy"] == 1.0
+    z_pos, z_neg = pos @ w + b, neg @ w + b
+    assert z_pos.min() > 0.5 and z_neg.max() < -0.5  # a clear margin
+    # the solution is the SVM optimum: perturbing it raises the primal objective
+    for dw in (np.eye(D)[0] * 1e-2, np.eye(D)[3] * 1e-2):
+        assert svm_objective(w + dw, b, pos, neg, CFG)["objective"] > st["objective"]
+    assert st["pos_support_vectors"] >= 1 and st["neg_support_vectors"] >= 1
+
+
+def test_mining_keeps_hard_and_evicts_easy():
+    rng = np.random.default_rng(2)
+    trainer = SVMTrainer(2, D, dataclasses.replace(CFG, retrain_every=10**6))
+    x, is_gt, labels, iou = image(rng, 20, close=30, far=100)
+    trainer.add_image(x, is_gt, labels, iou)
+    # image 1: w = 0, so all 130 negatives were hard; the first training evicted the far ones
+    cache = trainer.caches[0]
+    assert cache.hard_added == 130 and cache.evicted >= 100
+    neg, _ = cache.negatives()
+    assert (neg[:, 0] > -5).all() and len(neg) >= 25  # close ones (support vectors, ~-1) stay
+    # later images: far negatives are easy and never enter the cache; these close ones lie
+    # inside the margin of the first model, so they are hard
+    for _ in range(3):
+        trainer.add_image(*image(rng, 5, close=10, far=100, close_x0=0.5))
+    assert cache.hard_added == 130 + 30
+    svms = trainer.finish()
+    neg, _ = cache.negatives()
+    # the last model moved its margin to the new close negatives: those make up the cache
+    assert (neg[:, 0] > 0.2).all() and len(neg) >= 20
+    # after the last retrain's eviction every cached negative scores >= evict_threshold
+    assert (svms.scores(neg, scaled=True)[:, 0] >= CFG.evict_threshold - 1e-5).all()
+    st = trainer.stats()[0]
+    assert st["retrains"] == 2 and st["positives"] == 35 and st["train_accuracy"] == 1.0
+    assert st["cached_negatives"] == len(neg)
+    z = svms.scores(x, scaled=True)[:, 0]
+    assert (z[is_gt] > 0).all() and (z[~is_gt] < 0).all()
+    # class 1 has negatives but never a positive: untrained, scores -1 everywhere
+    assert trainer.stats()[1]["retrains"] == 0
+    np.testing.assert_array_equal(svms.scores(x, scaled=True)[:, 1], -1.0)
+
+
+def test_retrain_count():
+    rng = np.random.default_rng(3)
+    # thresholds far from the close negatives' scores (~-1) make the counts exact
+    cfg = dataclasses.replace(CFG, retrain_every=10, hard_threshold=-3.0, evict_threshold=-5.0)
+    trainer = SVMTrainer(1, D, cfg)
+    trainer.add_image(*image(rng, 10, close=5, far=20, k=1))  # first training: retrain 1
+    counts = [trainer.stats()[0]["retrains"]]
+    for _ in range(4):  # +4 hard negatives per image: 12 >= 10 after the third -> retrain 2
+        trainer.add_image(*image(rng, 0, close=4, far=20, k=1))
+        counts.append(trainer.stats()[0]["retrains"])
+    assert counts == [1, 1, 1, 2, 2]
+    st = trainer.stats()[0]
+    assert st["hard_added"] == 25 + 16 and st["evicted"] == 20
+    trainer.finish()  # 4 new since the last retrain: final retrain 3
+    assert trainer.stats()[0]["retrains"] == 3
+    trainer.finish()  # nothing new: no retrain
+    assert trainer.stats()[0]["retrains"] == 3
+
+
+def test_gt_rows_and_overlapping_rows_are_not_negatives():
+    rng = np.random.default_rng(4)
+    trainer = SVMTrainer(2, D, CFG)
+    x, is_gt, labels, iou = image(rng, 4, close=0, far=6)
+    iou[4:7, 0] = [0.3, 0.5, 0.29]  # IoU >= 0.3 with a GT of class 0: not a class-0 negative
+    trainer.add_positives(blob(rng, 3, 3.0), np.array([1, 1, 1]))
+    trainer.add_image(x, is_gt, labels, iou)
+    st = trainer.stats()
+    assert st[0]["hard_added"] == 4  # 6 - 2; the 4 GT rows are not negatives of class 0
+    assert st[1]["hard_added"] == 10  # GT rows of class 0 are negatives of class 1 (R-CNN)
+    assert st[1]["positives"] == 3
+
+
+def test_negative_cache_bound_keeps_hardest():
+    cache = HardNegativeCache(2, max_negatives=5)
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    scores = np.array([0.1, -0.5, 0.9, 0.3, -0.9, 0.5, 0.0, 0.7], np.float32)
+    cache.add_negatives(x[:4], scores[:4])
+    cache.add_negatives(x[4:], scores[4:])  # 8 > 1.25 * 5: trimmed now
+    neg, s = cache.negatives()
+    np.testing.assert_array_equal(np.sort(s), np.float32([0.1, 0.3, 0.5, 0.7, 0.9]))
+    np.testing.assert_array_equal(neg[np.argmax(s)], x[2])
+    cache.add_negatives(x[:1] + 100, np.float32([2.0]))  # 6 <= 1.25 * 5: kept until trim()
+    assert cache.num_neg == 6
+    cache.trim()
+    np.testing.assert_array_equal(
+        np.sort(cache.negatives()[1]), np.float32([0.3, 0.5, 0.7, 0.9, 2])
+    )
+
+
+def test_dedup_negatives():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 5], [50, 50, 60, 60]], np.float32)
+    keep = dedup_negatives(boxes, np.array([0.1, 0.5, 0.2, 0.0]), 0.7)
+    np.testing.assert_array_equal(keep, [1, 2, 3])  # box 0 overlaps harder box 1 by 0.9
+    rng = np.random.default_rng(5)
+    x, is_gt, labels, iou = image(rng, 2, close=0, far=4, k=1)
+    rows = np.concatenate([boxes[:2], boxes])
+    trainer = SVMTrainer(1, D, dataclasses.replace(CFG, dedup_neg_iou=0.7))
+    with pytest.raises(ValueError):
+        trainer.add_image(x, is_gt, labels, iou)
+    trainer.add_image(x, is_gt, labels, iou, boxes=rows)
+    assert trainer.stats()[0]["hard_added"] == 3  # the 4 negatives, less one duplicate pair
+
+
+def test_scores_apply_feature_scale_and_save_load(tmp_path):
+    rng = np.random.default_rng(6)
+    svms = LinearSVMs(
+        W=rng.normal(size=(D, 3)).astype(np.float32),
+        b=rng.normal(size=3).astype(np.float32),
+        feature_scale=0.25,
+    )
+    x = rng.normal(size=(7, D)).astype(np.float32)
+    np.testing.assert_allclose(svms.scores(x), svms.scores(x * 0.25, scaled=True), atol=1e-5)
+    np.testing.assert_allclose(svms.scores(x), (x * 0.25) @ svms.W + svms.b, atol=1e-5)
+    assert svms.num_classes == 3
+    svms.save(tmp_path / "svm.npz")
+    back = LinearSVMs.load(tmp_path / "svm.npz")
+    np.testing.assert_array_equal(back.W, svms.W)
+    np.testing.assert_array_equal(back.b, svms.b)
+    assert back.feature_scale == svms.feature_scale
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="bad.npz"):
+        LinearSVMs.load(tmp_path / "bad.npz")
+
+
+def test_default_config_mining_matches_full_training():
+    """The paper's settings (C = 0.001, features at mean norm 20) on 3,000 streamed negatives:
+    mining keeps a fraction of them and reaches the objective of training on all of them."""
+    rng = np.random.default_rng(7)
+    pos, neg = blob(rng, 300, 2.0, 1.0), blob(rng, 3000, -2.0, 1.0)
+    s = feature_scale_from_samples(np.concatenate([pos, neg]))
+    cfg = SVMConfig()
+    trainer = SVMTrainer(1, D, cfg, feature_scale=s)
+    trainer.add_positives(pos * s, np.zeros(len(pos), np.int64))
+    for chunk in np.array_split(neg * s, 6):
+        n = len(chunk)
+        trainer.add_image(chunk, np.zeros(n, bool), -np.ones(n, np.int64), np.zeros((n, 1)))
+    svms = trainer.finish()
+    st = trainer.stats()[0]
+    assert st["converged"] and st["cached_negatives"] < 1000 and st["evicted"] > 0
+    assert (svms.scores(pos) > 0).mean() > 0.85 and (svms.scores(neg) < 0).mean() > 0.95
+    mined = svm_objective(svms.W[:, 0], svms.b[0], pos * s, neg * s, cfg)["objective"]
+    w, b, _ = train_linear_svm(pos * s, neg * s, cfg)
+    full = svm_objective(w, b, pos * s, neg * s, cfg)["objective"]
+    assert mined == pytest.approx(full, rel=0.01)
+
+
+def test_training_sees_at_most_max_negatives():
+    rng = np.random.default_rng(8)
+    trainer = SVMTrainer(1, D, dataclasses.replace(CFG, max_negatives_per_class=20))
+    trainer.add_image(*image(rng, 5, close=30, far=100, k=1))
+    st = trainer.stats()[0]
+    assert st["negatives_trained"] == 20 and st["hard_added"] == 130
+    assert st["cached_negatives"] <= 20
