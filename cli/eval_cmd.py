@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from sppdet.detect import SCORERS
+
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -15,9 +17,15 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--split", required=True, help="Split to evaluate, e.g. val.")
 @click.option("--detections", type=_DIR, help="Directory of comp4_det_<split>_<class>.txt files.")
 @click.option("--run", "run_dir", type=_DIR, help="A trained run: detect over the split first.")
-@click.option("--scorer", type=click.Choice(["svm", "softmax"]), help="With --run: scores used.")
+@click.option("--scorer", type=click.Choice(SCORERS), help="With --run: scores used.")
 @click.option("--layer", type=click.Choice(["fc7", "fc6", "pool5"]), help="With --run: SVM layer.")
 @click.option("--no-bbox-reg", is_flag=True, help="With --run: skip box regression.")
+@click.option(
+    "--ablations",
+    is_flag=True,
+    help="With --run: every trained variant (pool5, fc7, fc7_bb, softmax, softmax_bb, random) "
+    "in one pass, each to RUN/eval/<split>_<variant>/.",
+)
 @click.option("--name", help="With --run: output name under RUN/eval/ (default: the split).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write {map, ap} here.")
 @click.option("--use-2010-metric", is_flag=True, help="All-point AP (VOC2010+), not 11-point.")
@@ -33,6 +41,7 @@ def command(
     scorer,
     layer,
     no_bbox_reg,
+    ablations,
     name,
     json_out,
     use_2010_metric,
@@ -51,6 +60,9 @@ def command(
     if (detections is None) == (run_dir is None):
         raise click.UsageError("give exactly one of --detections DIR or --run RUN_DIR")
     if run_dir is not None:
+        if ablations:
+            _eval_ablations(run_dir, devkit, split, limit, json_out)
+            return
         _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, json_out)
         return
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
@@ -80,3 +92,22 @@ def _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, j
     click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
     if json_out is not None:
         atomic_write_json(json_out, result.to_json())
+
+
+def _eval_ablations(run_dir, devkit, split, limit, json_out):
+    from sppdet.evaluate import ablation_variants, evaluate_variants
+    from sppdet.run import Run
+    from sppdet.storage import atomic_write_json
+    from sppdet.voc_eval import format_ap_table
+
+    run = Run.open(run_dir)
+    variants = {f"{split}_{k}": v for k, v in ablation_variants(run).items()}
+    results = evaluate_variants(run, split, variants, devkit=str(devkit), limit=limit)
+    rows = []
+    for name, (result, summary) in results.items():
+        click.echo(f"\n== {name}\n" + format_ap_table(result))
+        t = sum(summary["seconds_per_image"].values())
+        rows.append(f"{name:<24s} {100 * result.map:6.1f}  {t:7.3f}")
+    click.echo(f"\n{'variant':<24s} {'mAP':>6s}  {'s/img':>7s}\n" + "\n".join(rows))
+    if json_out is not None:
+        atomic_write_json(json_out, {k: r.to_json() for k, (r, _) in results.items()})

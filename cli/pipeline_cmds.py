@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sppdet.backbones import BACKBONES
+from sppdet.detect import SCORERS
 from sppdet.scales import FIVE_SCALES
 
 _PRESETS = {"1": "688", "5": ",".join(map(str, FIVE_SCALES))}
@@ -158,7 +159,7 @@ def train_command(run_dir, layer, quiet):
 @click.option("--json", "json_out", type=click.Path(), help="Write detections as JSON.")
 @click.option("--out-image", type=click.Path(), help="PNG with boxes (one image) or a directory.")
 @click.option("--score-threshold", type=float, help="Minimum score to report.")
-@click.option("--scorer", type=click.Choice(["svm", "softmax"]))
+@click.option("--scorer", type=click.Choice(SCORERS))
 @click.option("--device", help="auto | cpu | cuda[:N].")
 def detect_command(images, run_dir, json_out, out_image, score_threshold, scorer, device):
     """Detect objects in images with a trained run; print, draw and/or save them."""

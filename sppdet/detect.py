@@ -22,13 +22,16 @@ from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
 from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig, pool_windows
 
 STAGES = ("proposals", "conv", "spp", "fc", "svm", "bbox", "nms")
+SCORERS = ("svm", "softmax", "random")
 
 
 @dataclass(frozen=True)
 class TestConfig:
     """Test-time knobs."""
 
-    scorer: str = "svm"  # "svm" (paper) or "softmax" (the fine-tuned 21-way layer, Fast R-CNN)
+    scorer: str = "svm"  # "svm" (paper), "softmax" (the fine-tuned 21-way layer, Fast R-CNN),
+    # or "random" (uniform scores: the chance baseline on the same proposals)
+    seed: int = 0  # random scorer's generator seed
     layer: str = "fc7"  # SVM feature layer: pool5 | fc6 | fc7 (paper's best: ft fc7)
     bbox_reg: bool = True  # apply the class's box regressor (paper table 10 rows "bb")
     nms_iou: float = 0.3  # per-class NMS threshold (R-CNN / SPP-net)
@@ -54,12 +57,26 @@ class _Clock:
         self.device, self.times = device, defaultdict(float)
         self._t = time.perf_counter()
 
-    def lap(self, stage: str) -> None:
+    def lap(self, stage: str) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.times[stage] += now - self._t
+        elapsed = now - self._t
+        self.times[stage] += elapsed
         self._t = now
+        return elapsed
+
+    def shared(self, cache: dict, key: str, stage: str, compute):
+        """``compute()`` once per ``cache``; later callers are charged the same seconds."""
+        if key in cache:
+            value, seconds = cache[key]
+            self.times[stage] += seconds
+            self._t = time.perf_counter()
+            return value
+        self.lap("_other")
+        value = compute()
+        cache[key] = (value, self.lap(stage))
+        return value
 
 
 class Detector:
@@ -91,6 +108,9 @@ class Detector:
         self.extractor, self.spp, self.head, self.svms = extractor, spp, head, svms
         self.bbox, self.bbox_scale, self.classes, self.config = bbox, bbox_scale, classes, config
         self.propose = propose
+        if config.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {config.scorer!r}; expected one of {SCORERS}")
+        self._rng = torch.Generator().manual_seed(config.seed)
         if config.scorer == "svm" and svms is None:
             raise ValueError("scorer 'svm' needs trained SVMs")
         if config.scorer == "softmax" and head is None:
@@ -124,9 +144,19 @@ class Detector:
 
     @torch.inference_mode()
     def detect_maps(
-        self, maps: list[ScaleMap], size: tuple[int, int], proposals: np.ndarray
+        self,
+        maps: list[ScaleMap],
+        size: tuple[int, int],
+        proposals: np.ndarray,
+        shared: dict | None = None,
     ) -> Detections:
-        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``."""
+        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``.
+
+        ``shared``: a dict that several detectors of the same run (test-time variants such as
+        SVM vs softmax, with or without box regression) pass for the same image, so SPP vectors,
+        fc features and regressed boxes are computed once. Each variant's timings still include
+        the time the shared values took, as if it had run alone.
+        """
         clock = _Clock(self.device)
         h, w = size
         boxes = clip_boxes(proposals, w, h)
@@ -135,39 +165,55 @@ class Detector:
         clock.lap("proposals")
         if len(boxes) == 0:
             return _empty(clock.times)
-        scores, regressed = self._score(maps, boxes, clock)
+        scores, regressed = self._score(maps, boxes, clock, {} if shared is None else shared)
         dets = self._suppress(boxes, scores, regressed, (w, h), clock)
-        dets.timings = dict(clock.times)
+        dets.timings = {k: v for k, v in clock.times.items() if not k.startswith("_")}
         return dets
 
     def _score(
-        self, maps: list[ScaleMap], boxes: np.ndarray, clock: _Clock
+        self, maps: list[ScaleMap], boxes: np.ndarray, clock: _Clock, shared: dict
     ) -> tuple[Tensor, Tensor | None]:
-        pool5 = pool_windows(maps, boxes, self.extractor.spec, self.spp)
-        clock.lap("spp")
         cfg = self.config
-        scores, regressed = [], None
-        feats = []
-        for chunk in pool5.split(cfg.fc_batch):
-            if cfg.scorer == "softmax":
-                feats.append(torch.softmax(self.head(chunk), dim=1)[:, 1:])
-            else:
-                layer = cfg.layer
-                feats.append(chunk if layer == "pool5" else self.head.embed(chunk, layer))
-        x = torch.cat(feats)
-        clock.lap("fc")
-        if cfg.scorer == "softmax":
-            scores = x
+        pool5 = clock.shared(
+            shared, "pool5", "spp", lambda: pool_windows(maps, boxes, self.extractor.spec, self.spp)
+        )
+        if cfg.scorer == "random":
+            n_cls = len(self.classes)
+            scores = torch.rand(len(boxes), n_cls, generator=self._rng).to(self.device)
+            clock.lap("fc")
+        elif cfg.scorer == "softmax":
+            scores = clock.shared(shared, "softmax", "fc", lambda: self._fc(pool5, "softmax"))
         else:
-            scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
-        clock.lap("svm")
-        if cfg.bbox_reg and self.bbox is not None:
-            feats_np = (pool5 * self.bbox_scale).cpu().numpy()
-            regressed = torch.as_tensor(
-                self.bbox.predict_all(feats_np, boxes), dtype=torch.float32, device=self.device
+            x = (
+                pool5  # pool5 SVMs score the SPP vectors themselves: no fc work to share
+                if cfg.layer == "pool5"
+                else clock.shared(shared, cfg.layer, "fc", lambda: self._fc(pool5, cfg.layer))
             )
-        clock.lap("bbox")
+            scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
+            clock.lap("svm")
+        regressed = None
+        if cfg.bbox_reg and self.bbox is not None:
+            regressed = clock.shared(shared, "bbox", "bbox", lambda: self._regress(pool5, boxes))
         return scores.float(), regressed
+
+    def _fc(self, pool5: Tensor, layer: str) -> Tensor:
+        """fc features (``layer`` in pool5/fc6/fc7) or class probabilities (``"softmax"``)."""
+        if layer == "pool5":
+            return pool5
+        out = []
+        for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
+            if layer == "softmax":
+                out.append(torch.softmax(self.head(chunk), dim=1)[:, 1:])
+            else:
+                out.append(self.head.embed(chunk, layer))
+        return torch.cat(out)
+
+    def _regress(self, pool5: Tensor, boxes: np.ndarray) -> Tensor:
+        """``Tensor[N, K, 4]``: every window refined by every class's regressor."""
+        feats_np = (pool5 * self.bbox_scale).cpu().numpy()
+        return torch.as_tensor(
+            self.bbox.predict_all(feats_np, boxes), dtype=torch.float32, device=self.device
+        )
 
     def _suppress(self, boxes, scores: Tensor, regressed, size, clock: _Clock) -> Detections:
         cfg = self.config

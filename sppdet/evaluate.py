@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -10,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sppdet.bbox_reg import BBoxRegressor
-from sppdet.detect import STAGES, Detector
+from sppdet.detect import STAGES, Detector, TestConfig
 from sppdet.errors import SppdetError
 from sppdet.finetune import load_head
 from sppdet.imageio import load_image
@@ -24,11 +25,11 @@ from sppdet.voc_eval import Detections, EvalResult, evaluate_detections, write_c
 log = logging.getLogger(__name__)
 
 
-def load_detector(run: Run) -> Detector:
-    """A detector from the run's trained stages and its test config."""
-    cfg = run.config.test
+def load_detector(run: Run, test: TestConfig | None = None) -> Detector:
+    """A detector from the run's trained stages and its test config (or ``test``)."""
+    cfg = run.config.test if test is None else test
     head_path = run.path("finetune", "model.pt")
-    need_head = cfg.scorer == "softmax" or cfg.layer != "pool5"
+    need_head = cfg.scorer == "softmax" or (cfg.scorer == "svm" and cfg.layer != "pool5")
     if need_head and not head_path.exists():
         raise SppdetError(f"no fine-tuned model at {head_path}; run `sppdet train {run.root}`")
     head = load_head(head_path, run.device) if head_path.exists() else None
@@ -54,6 +55,41 @@ def load_detector(run: Run) -> Detector:
     )
 
 
+#: The paper's ablation rows (table 10) plus the fine-tuned softmax (Fast R-CNN): name -> test
+#: settings over the run's defaults. "pool5" is the SVM on SPP vectors without fine-tuning.
+ABLATIONS: dict[str, dict] = {
+    "pool5": {"scorer": "svm", "layer": "pool5", "bbox_reg": False},
+    "fc7": {"scorer": "svm", "layer": "fc7", "bbox_reg": False},
+    "fc7_bb": {"scorer": "svm", "layer": "fc7", "bbox_reg": True},
+    "softmax": {"scorer": "softmax", "bbox_reg": False},
+    "softmax_bb": {"scorer": "softmax", "bbox_reg": True},
+    "random": {"scorer": "random", "bbox_reg": False},  # chance: same proposals, random scores
+}
+
+
+def ablation_variants(run: Run) -> dict[str, TestConfig]:
+    """The :data:`ABLATIONS` whose trained parts exist in ``run``."""
+    have = {
+        "svm_pool5": run.path("svm_pool5", "svm.npz").exists(),
+        "svm_fc7": run.path("svm_fc7", "svm.npz").exists(),
+        "head": run.path("finetune", "model.pt").exists(),
+        "bbox": run.path("bbox", "bbox.npz").exists(),
+    }
+    out = {}
+    for name, changes in ABLATIONS.items():
+        test = dataclasses.replace(run.config.test, **changes)
+        need = ["bbox"] if test.bbox_reg else []
+        if test.scorer == "softmax" or (test.scorer == "svm" and test.layer != "pool5"):
+            need.append("head")
+        if test.scorer == "svm":
+            need.append(f"svm_{test.layer}")
+        if all(have[n] for n in need):
+            out[name] = test
+    if not out:
+        raise SppdetError(f"nothing trained in {run.root}; run `sppdet train {run.root}`")
+    return out
+
+
 def _classes_from_stats(run: Run) -> tuple[str, ...]:
     stats = read_json(run.path(f"svm_{run.config.test.layer}", "stats.json"))
     return tuple(stats["classes"])
@@ -68,37 +104,68 @@ def evaluate_run(
     out_name: str | None = None,
     progress: bool = True,
 ) -> tuple[EvalResult, dict]:
-    """Detect over ``split``, write comp4 files, VOC07 AP, PR curves and per-stage timings.
+    """Detect over ``split`` with the run's test config; see :func:`evaluate_variants`."""
+    name = out_name or split
+    results = evaluate_variants(
+        run, split, {name: run.config.test}, devkit=devkit, limit=limit, progress=progress
+    )
+    return results[name]
 
-    Outputs go to ``RUN/eval/<out_name or split>/``. Conv maps come from the split's cache when
-    feature caching is on (computed and stored otherwise); the conv timing is then the cache
-    load time, so the benchmark stage measures conv time separately.
+
+def evaluate_variants(
+    run: Run,
+    split: str,
+    variants: dict[str, TestConfig],
+    *,
+    devkit: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[EvalResult, dict]]:
+    """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
+
+    All variants share one pass over the images: the conv maps, SPP vectors, fc features and
+    regressed boxes of an image are computed once (each variant's timings still count them).
+    Outputs go to ``RUN/eval/<name>/`` per variant. Conv maps come from the split's cache when
+    feature caching is on (computed and stored otherwise); the conv timing is then the cache load
+    time, so ``sppdet bench`` measures conv time separately.
     """
     ds = run.dataset(split, devkit=devkit, limit=limit)
-    detector = load_detector(run)
+    detectors = {name: load_detector(run, test) for name, test in variants.items()}
     props = run.proposals(ds)
     provider = run.provider(split)
-    per_class: dict[int, list[Detections]] = defaultdict(list)
-    times: dict[str, float] = defaultdict(float)
+    per_class = {name: defaultdict(list) for name in variants}
+    times = {name: defaultdict(float) for name in variants}
     t_start = time.perf_counter()
     for rec in tqdm(ds, desc=f"detect {split}", unit="img", disable=not progress):
         t0 = time.perf_counter()
         size = (rec.height, rec.width)
         maps = provider.maps(rec.image_id, size, lambda r=rec: load_image(r.path))
-        times["conv"] += time.perf_counter() - t0
-        dets = detector.detect_maps(maps, size, props.boxes_for(rec.image_id))
-        for k, v in dets.timings.items():
-            times[k] += v
-        for c in np.unique(dets.labels):
-            m = dets.labels == c
-            per_class[int(c)].append(
-                Detections(np.full(int(m.sum()), rec.image_id), dets.scores[m], dets.boxes[m])
-            )
+        conv = time.perf_counter() - t0
+        shared: dict = {}
+        for name, detector in detectors.items():
+            dets = detector.detect_maps(maps, size, props.boxes_for(rec.image_id), shared)
+            times[name]["conv"] += conv
+            for k, v in dets.timings.items():
+                times[name][k] += v
+            _collect(per_class[name], rec.image_id, dets)
     wall = time.perf_counter() - t_start
-    dets_by_name = {
-        name: Detections.concat(per_class.get(k, [])) for k, name in enumerate(ds.classes)
+    return {
+        name: _finish(run, ds, split, name, variants[name], per_class[name], times[name], wall)
+        for name in variants
     }
-    out = run.path("eval", out_name or split)
+
+
+def _collect(per_class: dict, image_id: str, dets) -> None:
+    for c in np.unique(dets.labels):
+        m = dets.labels == c
+        per_class[int(c)].append(
+            Detections(np.full(int(m.sum()), image_id), dets.scores[m], dets.boxes[m])
+        )
+
+
+def _finish(run, ds, split, name, test: TestConfig, per_class, times, wall) -> tuple:
+    dets_by_name = {c: Detections.concat(per_class.get(k, [])) for k, c in enumerate(ds.classes)}
+    out = run.path("eval", name)
     write_comp4(out, split, ds.classes, dets_by_name)
     result = evaluate_detections(ds, dets_by_name)
     plot_pr_curves(result.per_class, out / "pr_curves.png")
@@ -108,9 +175,10 @@ def evaluate_run(
         **result.to_json(),
         "split": split,
         "images": len(ds),
-        "scorer": run.config.test.scorer,
-        "layer": run.config.test.layer,
-        "bbox_reg": run.config.test.bbox_reg,
+        "variant": name,
+        "scorer": test.scorer,
+        "layer": test.layer,
+        "bbox_reg": test.bbox_reg,
         "seconds_per_image": timing,
         "wall_seconds": wall,
         "commit": git_commit(),

@@ -209,9 +209,11 @@ def finetune(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     batcher = _Batcher(records, windows, provider, spp, cfg)
-    start = _resume(out / "checkpoint.pt", model, opt)
+    start, resumed = _resume(out / "checkpoint.pt", model, opt)
     held_x, held_y = _heldout(batcher, held, cfg)
-    return _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out, start, progress)
+    return _train_loop(
+        model, opt, batcher, train, held_x, held_y, cfg, out, (start, resumed), progress
+    )
 
 
 def _heldout(batcher: _Batcher, held: list[int], cfg) -> tuple[Tensor | None, Tensor | None]:
@@ -226,14 +228,15 @@ def _heldout(batcher: _Batcher, held: list[int], cfg) -> tuple[Tensor | None, Te
     return torch.cat(xs), torch.cat(ys)
 
 
-def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load a checkpoint; returns its step and the loop's running values (loss, acc, seconds)."""
     if not path.exists():
-        return 0
+        return 0, {}
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     log.info("resuming fine-tuning at step %d from %s", state["step"], path)
-    return int(state["step"])
+    return int(state["step"]), {k: state.get(k) for k in ("loss_avg", "acc", "seconds")}
 
 
 @torch.no_grad()
@@ -248,7 +251,11 @@ def _accuracy(model: FCHead, x: Tensor | None, y: Tensor | None) -> float | None
 
 def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, start, progress):
     log_path = out / "log.jsonl"
-    t0, loss_avg, acc = time.perf_counter(), None, None
+    start, resumed = start
+    # The running loss, last accuracy and elapsed time continue across a resume, so the log
+    # and metrics of a resumed run equal an uninterrupted one's (bar the seconds).
+    loss_avg, acc = resumed.get("loss_avg"), resumed.get("acc")
+    t0 = time.perf_counter() - (resumed.get("seconds") or 0.0)
     model.train()
     bar = tqdm(range(start, cfg.iterations), desc="finetune", disable=not progress, initial=start)
     bar.total = cfg.iterations
@@ -269,7 +276,14 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
             _append_log(log_path, {"step": done, "loss": loss_avg, "heldout_acc": acc})
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=acc if acc is None else f"{acc:.3f}")
         if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": done,
+                "loss_avg": loss_avg,
+                "acc": acc,
+                "seconds": time.perf_counter() - t0,
+            }
             atomic_torch_save(state, out / "checkpoint.pt")
     model.eval()
     atomic_torch_save({"model": model.state_dict(), "config": model.config()}, out / "model.pt")

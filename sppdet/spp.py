@@ -146,8 +146,9 @@ def _pyramid_bins(windows: Tensor, levels: Sequence[int]) -> tuple[Tensor, ...]:
     return tuple(torch.cat(p, dim=1) for p in parts)
 
 
-#: Up to this many windows the per-window loop beats building the sparse table.
-LOOP_MAX_WINDOWS = 64
+#: Up to this many windows the per-window loop beats building the sparse table (measured on a
+#: [96, 43, 57] map, 1 thread: 16 windows take 8.3 ms by loop, 7.1 ms by table).
+LOOP_MAX_WINDOWS = 8
 
 
 def spp_pool(

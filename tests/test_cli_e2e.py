@@ -1,0 +1,170 @@
+"""End-to-end test of the ``sppdet`` command line on a tiny synthetic VOC dataset.
+
+The same sequence as ``scripts/demo.sh`` (make-synthetic -> extract -> train -> eval -> detect),
+run in-process with click's ``CliRunner`` on 16 images of 96 x 96 pixels, a randomly initialised
+ZF-5 at one 64-pixel scale, a 32-unit fc head trained for 30 steps and the cheapest proposal
+diversification, so the whole chain takes seconds. Also checked: reruns are refused when cached
+settings differ and are no-ops when everything is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from sppdet_cli.main import cli
+
+CONFIG = """\
+features:
+  backbone: zf5
+  weights: random
+  scales: [64]
+  max_size: 128
+finetune:
+  hidden: 32
+  iterations: 30
+  eval_every: 10
+  checkpoint_every: 10
+  images_per_batch: 2
+  batch_size: 32
+svm:
+  max_negatives_per_class: 500
+proposals:
+  color_spaces: [hsv]
+  ks: [100]
+  strategies: [CTSF]
+workers: 1
+device: cpu
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: everything here is tiny and the machine may be busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args: str | Path) -> Result:
+    """Run ``sppdet ARGS`` in-process; fail with its output and traceback on a non-zero exit."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exit_code != 0:
+        tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        pytest.fail(
+            f"sppdet {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}\n{tb}"
+        )
+    return result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """make-synthetic -> extract -> train, once for the module; returns the paths."""
+    root = tmp_path_factory.mktemp("e2e")
+    data, run, cfg = root / "data", root / "run", root / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    out = invoke("make-synthetic", data, "--images", 16, "--size", "96x96", "--seed", 0)
+    assert "16 images (8 train / 8 val)" in out.output
+    out = invoke("extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg)
+    assert "extract train: 8 images" in out.output and "8 maps computed" in out.output
+    assert sorted(p.name for p in (run / "features" / "train" / "s64").iterdir()) == sorted(
+        f"{i}.npy" for i in (data / "VOC2007/ImageSets/Main/train.txt").read_text().split()
+    )
+    invoke("train", run, "--quiet")
+    for part in ("finetune/model.pt", "svm_fc7/svm.npz", "bbox/bbox.npz"):
+        assert (run / part).is_file(), part
+    assert not (run / "finetune" / "checkpoint.pt").exists()  # removed once training finished
+    log = [json.loads(line) for line in (run / "finetune/log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [10, 20, 30]
+    classes = tuple((data / "VOC2007" / "classes.txt").read_text().split())
+    return {"root": root, "data": data, "run": run, "cfg": cfg, "classes": classes}
+
+
+def test_eval_of_the_run_and_of_its_comp4_files_agree(trained):
+    data, run, root, classes = trained["data"], trained["run"], trained["root"], trained["classes"]
+    j1, j2 = root / "eval_run.json", root / "eval_dets.json"
+    out = invoke(
+        "eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val", "--json", j1
+    )
+    assert "mAP" in out.output
+    r1 = json.loads(j1.read_text())
+    assert 0.0 <= r1["map"] <= 1.0
+    assert set(r1["ap"]) == set(classes) == {"disc", "square", "triangle", "star"}
+    assert all(0.0 <= v <= 1.0 for v in r1["ap"].values())
+    assert r1["map"] == pytest.approx(sum(r1["ap"].values()) / len(classes))
+    dets_dir = run / "eval" / "val"
+    for c in classes:
+        assert (dets_dir / f"comp4_det_val_{c}.txt").is_file()
+    summary = json.loads((dets_dir / "eval.json").read_text())
+    assert summary["images"] == 8 and summary["map"] == r1["map"]
+
+    args = ("eval", "--voc2007", "--devkit", data, "--split", "val", "--detections", dets_dir)
+    invoke(*args, "--json", j2)
+    r2 = json.loads(j2.read_text())
+    assert r2["map"] == pytest.approx(r1["map"], abs=1e-9)
+    assert r2["ap"] == pytest.approx(r1["ap"], abs=1e-9)
+
+
+def test_detect_writes_json_and_png(trained):
+    data, run, root, classes = trained["data"], trained["run"], trained["root"], trained["classes"]
+    first = (data / "VOC2007/ImageSets/Main/val.txt").read_text().split()[0]
+    image = data / "VOC2007" / "JPEGImages" / f"{first}.jpg"
+    dj, png = root / "detections.json", root / "detections.png"
+    out = invoke("detect", image, "--run", run, "--json", dj, "--out-image", png)
+    results = json.loads(dj.read_text())
+    assert isinstance(results, list) and len(results) == 1
+    assert results[0]["image"] == str(image)
+    dets = results[0]["detections"]
+    assert f"{len(dets)} detections" in out.output
+    assert 0 < len(dets) <= 100  # the default score threshold keeps some; max_per_image caps
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True)
+    for d in dets:
+        assert d["class"] in classes
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size == (96, 96)
+
+
+def test_extract_refuses_other_scales_and_repeats_as_a_no_op(trained):
+    data, run, cfg = trained["data"], trained["run"], trained["cfg"]
+    config_before = (run / "config.yaml").read_text()
+    args = ("extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg)
+    bad = CliRunner().invoke(cli, [str(a) for a in (*args, "--scales", "80")])
+    assert bad.exit_code != 0
+    assert "error:" in bad.output and "features" in bad.output
+    assert (run / "config.yaml").read_text() == config_before
+    assert not (run / "features" / "train" / "s80").exists()
+    again = invoke(*args)
+    assert "0 maps computed" in again.output
+
+
+def test_second_train_is_a_no_op(trained, caplog):
+    run = trained["run"]
+    outputs = [run / "finetune/model.pt", run / "svm_fc7/svm.npz", run / "bbox/bbox.npz"]
+    before = {p: (sha256(p), p.stat().st_mtime_ns) for p in outputs}
+    caplog.set_level(logging.INFO, logger="sppdet")
+    t0 = time.perf_counter()
+    invoke("train", run, "--quiet")
+    assert time.perf_counter() - t0 < 10.0
+    assert {p: (sha256(p), p.stat().st_mtime_ns) for p in outputs} == before
+    messages = caplog.text
+    assert "fine-tuning already done" in messages
+    assert "SVMs already trained" in messages
+    assert "box regressors already trained" in messages
