@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench voc07 clean
+.PHONY: venv test lint format demo bench voc07 voc07-1scale voc07-5scale clean
 
 venv: $(STAMP)
 
@@ -35,3 +35,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
+
+# VOC2007 train -> val with the real data in ../shared (hours on 2 CPU cores; resumable:
+# rerun the same target to finish an interrupted run). Writes results/*.json and the README table.
+voc07: voc07-1scale voc07-5scale
+
+voc07-1scale: $(STAMP)
+	$(BIN)/python scripts/voc07.py --config configs/voc07_mnv2_1scale.yaml --run runs/voc07_1s --name voc07_mnv2_1scale
+
+voc07-5scale: $(STAMP)
+	$(BIN)/python scripts/voc07.py --config configs/voc07_mnv2_5scale.yaml --run runs/voc07_5s --name voc07_mnv2_5scale

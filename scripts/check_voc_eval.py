@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sppdet.datasets import VOC_CLASSES
-from sppdet.storage import atomic_write_json
+from sppdet.storage import atomic_write_json, git_commit
 from sppdet.voc_eval import Detections, write_comp4
 
 # ------------------------------------------------- devkit port (independent of sppdet.voc_eval)
@@ -262,6 +262,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random-per-class", type=int, default=1500)
     ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--report", type=Path, help="Also write the report here (e.g. benchmarks/).")
     args = ap.parse_args()
     t_start = time.perf_counter()
     root = args.devkit / f"VOC{args.year}"
@@ -299,7 +300,16 @@ def main() -> int:
             report[tag][f"control_{variant}"] = gap
     report["max_abs_diff"] = worst
     report["total_seconds"] = time.perf_counter() - t_start
+    report.update(
+        ok=not failed,
+        commit=git_commit(),
+        command=" ".join(["python", *sys.argv]),
+        devkit=str(args.devkit),
+        split=args.split,
+    )
     atomic_write_json(args.out / "report.json", report)
+    if args.report is not None:
+        atomic_write_json(args.report, report)
     print(f"\nmax |diff| = {worst:.3e} (tol {args.tol:g}); total {report['total_seconds']:.1f} s")
     print("FAIL" if failed else "OK")
     return 1 if failed else 0

@@ -42,6 +42,7 @@ class FinetuneConfig:
 
     hidden: int = 4096  # fc6/fc7 width (paper: 4096, as ZF-5/AlexNet)
     dropout: float = 0.5  # dropout after fc6 and fc7 (ZF-5 / AlexNet fc layers)
+    init: str = "he"  # fc6/fc7 initialisation, "he" or "torch" (see FCHead; ours, no ImageNet fc)
     iterations: int = 90000  # released solver: 3 x 30k steps (paper: 250k + 50k)
     lr: float = 1e-3  # released solver base lr (paper: 1e-4)
     lr_steps: tuple[int, ...] = (30000, 60000)  # lr x0.1 at each (released solver: every 30k)
@@ -62,17 +63,33 @@ class FinetuneConfig:
 class FCHead(nn.Module):
     """fc6 -> fc7 -> (K + 1)-way classifier on SPP vectors: ``Tensor[N, D] -> Tensor[N, K+1]``.
 
-    fc6/fc7 use PyTorch's default initialisation (no ImageNet fc layers exist for our
-    backbones); the classifier is Gaussian with sigma 0.01 as SPEC section 5 says for fc8.
+    No ImageNet fc layers exist for our backbones, so fc6/fc7 start from scratch: ``init="he"``
+    draws them from N(0, 2 / fan_in) (He et al. 2015, for ReLU layers), ``"torch"`` keeps
+    PyTorch's default (uniform, about 2.4x smaller: on MobileNetV2 SPP vectors the logits then
+    start near 0.03 and a 300-image run stayed at the all-background accuracy for 1,000 steps).
+    The classifier is Gaussian with sigma 0.01 as SPEC section 5 says for fc8.
     """
 
-    def __init__(self, in_dim: int, hidden: int, num_classes: int, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: int,
+        num_classes: int,
+        dropout: float = 0.5,
+        init: str = "he",
+    ) -> None:
         super().__init__()
+        if init not in ("he", "torch"):
+            raise ValueError(f"unknown fc init {init!r}; expected 'he' or 'torch'")
         self.in_dim, self.hidden, self.num_classes = in_dim, hidden, num_classes
         self.fc6 = nn.Linear(in_dim, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls = nn.Linear(hidden, num_classes + 1)
         self.drop = nn.Dropout(dropout)
+        if init == "he":
+            for fc in (self.fc6, self.fc7):
+                nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+                nn.init.zeros_(fc.bias)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
 
@@ -204,7 +221,7 @@ def finetune(
     held, train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
     dim = provider.extractor.spec.channels * sum(n * n for n in spp.levels)
     torch.manual_seed(cfg.seed)
-    model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout).to(device)
+    model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout, cfg.init).to(device)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

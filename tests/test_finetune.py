@@ -180,7 +180,7 @@ def test_finetune_trains_and_writes_its_outputs(tmp_path):
     assert head.config() == {"in_dim": DIM, "hidden": 16, "num_classes": K}
     # training moved the weights away from the seeded initialisation
     torch.manual_seed(CFG.seed)
-    init = FCHead(DIM, CFG.hidden, K, CFG.dropout)
+    init = FCHead(DIM, CFG.hidden, K, CFG.dropout, CFG.init)
     assert not torch.equal(init.cls.weight, head.cls.weight)
     assert not torch.equal(init.fc6.weight, head.fc6.weight)
 
@@ -233,3 +233,16 @@ def test_a_different_seed_gives_a_different_model(tmp_path):
     run_finetune(tmp_path / "b", dataclasses.replace(CFG, seed=1))
     a, b = saved_state(tmp_path / "a"), saved_state(tmp_path / "b")
     assert not torch.equal(a["cls.weight"], b["cls.weight"])
+
+
+def test_he_init_of_fc6_fc7_and_its_alternative():
+    torch.manual_seed(0)
+    he = FCHead(400, 300, 5, init="he").requires_grad_(False)
+    for fc in (he.fc6, he.fc7):
+        expected = (2.0 / fc.in_features) ** 0.5
+        assert abs(float(fc.weight.std()) - expected) < 0.05 * expected
+        assert float(fc.bias.abs().max()) == 0.0
+    default = FCHead(400, 300, 5, init="torch").requires_grad_(False)
+    assert float(default.fc6.weight.std()) < 0.5 * float(he.fc6.weight.std())
+    with pytest.raises(ValueError, match="unknown fc init"):
+        FCHead(400, 300, 5, init="xavier")

@@ -1,0 +1,168 @@
+"""The VOC2007 train -> val experiment (``make voc07``): every stage, timed, then ``results/``.
+
+Runs, each as its own ``sppdet`` process (so its wall time and peak RSS are measured alone):
+
+1. ``extract`` of ``train`` and ``val`` (proposals imported, conv maps cached),
+2. ``train`` (fine-tune -> fc7 SVMs -> box regressors) and ``train-svm --layer pool5``,
+3. ``eval --voc2007 --ablations`` on ``val``: pool5 SVM without fine-tuning, ft fc7 SVM,
+   ft fc7 SVM + bbox regression, ft softmax (+ bbox), and random scores on the same proposals,
+
+then writes ``results/<name>_<variant>.json`` per variant. Every stage is resumable (each sppdet
+stage skips finished work), and the stage timings of earlier invocations are kept in
+``RUN/stages.json``, so an interrupted experiment is finished by running the same command again.
+
+Usage::
+
+    .venv/bin/python scripts/voc07.py --config configs/voc07_mnv2_1scale.yaml \\
+        --run runs/voc07_1s --name voc07_mnv2_1scale [--limit-train N] [--limit-val N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROTOCOL = "VOC2007 train->val"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="YAML deltas (configs/).")
+    p.add_argument("--run", type=Path, required=True, help="Run directory.")
+    p.add_argument("--name", required=True, help="Prefix of the results/*.json files.")
+    p.add_argument("--devkit", default="../shared/data/VOCdevkit")
+    p.add_argument("--limit-train", type=int, help="First N train images only (quick runs).")
+    p.add_argument("--limit-val", type=int, help="First N val images only (quick runs).")
+    p.add_argument("--results", type=Path, default=ROOT / "results")
+    return p.parse_args()
+
+
+def run_stage(name: str, argv: list[str], stages: dict, path: Path) -> None:
+    """Run one sppdet command; record its wall seconds and peak RSS (GiB) under ``name``."""
+    print(f"\n== {name}: {shlex.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"stage {name} failed with exit code {code}")
+    prev = stages.get(name, {"seconds": 0.0, "peak_rss_gb": 0.0})
+    # ru_maxrss is in KiB on Linux. A resumed stage adds its time to the earlier attempts'.
+    stages[name] = {
+        "seconds": prev["seconds"] + seconds,
+        "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),
+        "command": shlex.join(argv),
+    }
+    atomic_write_json(path, stages)
+
+
+def main() -> int:
+    args = parse_args()
+    sppdet = str(BIN / "sppdet")
+    run, devkit = str(args.run), args.devkit
+    lim_t = ["--limit", str(args.limit_train)] if args.limit_train else []
+    lim_v = ["--limit", str(args.limit_val)] if args.limit_val else []
+    stages_path = args.run / "stages.json"
+    stages = read_json(stages_path) if stages_path.exists() else {}
+    ext = ["--devkit", devkit, "--out", run, "--config", str(args.config)]
+    plan = [
+        ("extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t]),
+        ("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v]),
+        ("train", [sppdet, "train", run, "--quiet"]),
+        ("train_svm_pool5", [sppdet, "train-svm", run, "--layer", "pool5", "--quiet"]),
+        (
+            "eval",
+            [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
+             "--ablations", "--json", str(args.run / "ablations.json"), *lim_v],
+        ),
+    ]  # fmt: skip
+    args.run.mkdir(parents=True, exist_ok=True)
+    for name, argv in plan:
+        run_stage(name, argv, stages, stages_path)
+    write_results(args, stages)
+    return 0
+
+
+def write_results(args: argparse.Namespace, stages: dict) -> None:
+    """``results/<name>_<variant>.json`` for each evaluated variant."""
+    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+    feats = cfg["features"]
+    weights = feats["weights"]
+    sha = file_sha256(weights) if weights and Path(weights).is_file() else None
+    command = shlex.join(["python", "scripts/voc07.py", *sys.argv[1:]])
+    peak = max(s["peak_rss_gb"] for s in stages.values())
+    args.results.mkdir(parents=True, exist_ok=True)
+    for eval_dir in sorted((args.run / "eval").glob("val_*")):
+        summary = read_json(eval_dir / "eval.json")
+        variant = summary["variant"].removeprefix("val_")
+        out = {
+            "protocol": PROTOCOL,
+            "variant": variant,
+            "backbone": feats["backbone"],
+            "weights": weights,
+            "weights_sha256": sha,
+            "scales": feats["scales"],
+            "map": summary["map"],
+            "ap": summary["ap"],
+            "train_images": _count(args.run / "proposals" / "train.npz"),
+            "val_images": summary["images"],
+            "commit": summary["commit"],
+            "command": command,
+            "config": cfg,
+            "stage_seconds": {k: round(v["seconds"], 1) for k, v in stages.items()},
+            "test_seconds_per_image": summary["seconds_per_image"],
+            "peak_rss_gb": round(peak, 2),
+            "machine": machine(),
+        }
+        path = args.results / f"{args.name}_{variant}.json"
+        atomic_write_json(path, out)
+        print(f"{path}: mAP {100 * summary['map']:.1f}")
+
+
+def _count(path: Path) -> int | None:
+    import numpy as np
+
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return int(len(data["ids"]))
+
+
+def machine() -> dict:
+    """CPU model, cores, torch version and device of this run."""
+    import torch
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "commit_of_results_script": git_commit(ROOT),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
