@@ -42,6 +42,8 @@ class FinetuneConfig:
 
     hidden: int = 4096  # fc6/fc7 width (paper: 4096, as ZF-5/AlexNet)
     dropout: float = 0.5  # dropout after fc6 and fc7 (ZF-5 / AlexNet fc layers)
+    standardize_batches: int = 20  # mini-batches sampled to standardise fc6's inputs per
+    # dimension (FCHead.fit_standardization; ours: the paper's fc6 was pre-trained); 0 = off
     init: str = "he"  # fc6/fc7 initialisation, "he" or "torch" (see FCHead; ours, no ImageNet fc)
     iterations: int = 90000  # released solver: 3 x 30k steps (paper: 250k + 50k)
     lr: float = 1e-3  # released solver base lr (paper: 1e-4)
@@ -86,6 +88,8 @@ class FCHead(nn.Module):
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls = nn.Linear(hidden, num_classes + 1)
         self.drop = nn.Dropout(dropout)
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
         if init == "he":
             for fc in (self.fc6, self.fc7):
                 nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
@@ -94,7 +98,7 @@ class FCHead(nn.Module):
         nn.init.zeros_(self.cls.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.drop(torch.relu(self.fc6(x)))
+        x = self.drop(torch.relu(self.fc6(self.standardize(x))))
         x = self.drop(torch.relu(self.fc7(x)))
         return self.cls(x)
 
@@ -102,8 +106,24 @@ class FCHead(nn.Module):
         """Activations (after ReLU) of ``layer`` in :data:`LAYERS`; dropout is not applied."""
         if layer == "pool5":
             return x
-        x = torch.relu(self.fc6(x))
+        x = torch.relu(self.fc6(self.standardize(x)))
         return x if layer == "fc6" else torch.relu(self.fc7(x))
+
+    def standardize(self, x: Tensor) -> Tensor:
+        """``(x - in_mean) / in_std``: per-dimension input scaling (identity until fitted)."""
+        return (x - self.in_mean) / self.in_std
+
+    @torch.no_grad()
+    def fit_standardization(self, x: Tensor) -> None:
+        """Set ``in_mean`` / ``in_std`` from sample SPP vectors ``Tensor[N, D]``.
+
+        Why: SPP vectors are max-pooled, so every dimension is mostly positive (MobileNetV2
+        features[13]: mean 0.69, std 0.53). Uncentred inputs make fc6's gradients share one sign
+        and SGD at lr 0.01 sent the from-scratch head to "all background" on a 300-image VOC run;
+        with standardised inputs it fit (train accuracy 0.88 vs 0.76 in the same 300 steps).
+        """
+        self.in_mean.copy_(x.mean(0))
+        self.in_std.copy_(x.std(0).clamp(min=1e-3))  # constant dims (e.g. always 0) stay finite
 
     def config(self) -> dict:
         return {"in_dim": self.in_dim, "hidden": self.hidden, "num_classes": self.num_classes}
@@ -227,6 +247,10 @@ def finetune(
     )
     batcher = _Batcher(records, windows, provider, spp, cfg)
     start, resumed = _resume(out / "checkpoint.pt", model, opt)
+    if start == 0 and cfg.standardize_batches:
+        rng = np.random.default_rng((cfg.seed, 1 << 41))  # own stream, apart from the steps
+        sample = [batcher.batch(rng, train)[0] for _ in range(cfg.standardize_batches)]
+        model.fit_standardization(torch.cat(sample))
     held_x, held_y = _heldout(batcher, held, cfg)
     return _train_loop(
         model, opt, batcher, train, held_x, held_y, cfg, out, (start, resumed), progress

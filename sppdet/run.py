@@ -32,7 +32,7 @@ from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapPr
 from sppdet.finetune import FinetuneConfig
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
-from sppdet.storage import atomic_write_text, canonical
+from sppdet.storage import atomic_write_text, canonical, diff
 from sppdet.svm import SVMConfig
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,24 @@ class Run:
         path = root / CONFIG_FILE
         if path.exists():
             old = cls.open(root).config
+            # Imported proposals do not depend on the selective-search settings: only the
+            # import source matters, and the proposal store checks that itself.
+            imported = (
+                old.data.proposals is not None and old.data.proposals == config.data.proposals
+            )
             diffs = [
-                s
-                for s in _CACHE_SECTIONS
-                if canonical(to_dict(getattr(old, s))) != canonical(to_dict(getattr(config, s)))
+                line
+                for sec in _CACHE_SECTIONS
+                if not (sec == "proposals" and imported)
+                for line in diff(
+                    canonical(to_dict(getattr(old, sec))),
+                    canonical(to_dict(getattr(config, sec))),
+                    sec,
+                )
             ]
             if diffs:
                 raise CacheMismatchError(
-                    f"{root} was made with other {'/'.join(diffs)} settings (see {path}); "
+                    f"{root} was made with other settings ({'; '.join(diffs)}; see {path}): "
                     "use another --out directory"
                 )
             return cls(root, old)

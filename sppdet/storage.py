@@ -125,7 +125,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted ``key: old -> new`` lines where two nested mappings differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
@@ -135,7 +136,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             elif key not in new:
                 out.append(f"{name}: {old[key]!r} -> (absent)")
             else:
-                out.extend(_diff(old[key], new[key], name))
+                out.extend(diff(old[key], new[key], name))
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
@@ -152,7 +153,7 @@ def check_manifest(directory: str | os.PathLike, content: Mapping[str, Any]) -> 
     new = canonical(dict(content))
     if path.exists():
         old = read_json(path)
-        diffs = _diff(old, new)
+        diffs = diff(old, new)
         if diffs:
             raise CacheMismatchError(
                 f"{directory} was made with other settings ({'; '.join(diffs)}); "

@@ -50,7 +50,7 @@ def label_windows(
     if include_gt:
         is_gt[: len(gt)] = True
     iou = box_iou(boxes, gt)  # [N, G]
-    class_iou = np.zeros((len(boxes), num_classes), dtype=np.float32)
+    class_iou = np.zeros((len(boxes), num_classes), dtype=np.float64)
     labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
     for k in np.unique(labels):
         class_iou[:, k] = iou[:, labels == k].max(axis=1)
@@ -59,5 +59,5 @@ def label_windows(
         max_iou = iou.max(axis=1)
     else:
         gt_index = np.full(len(boxes), -1, dtype=np.int64)
-        max_iou = np.zeros(len(boxes), dtype=np.float32)
-    return LabelledWindows(boxes, is_gt, max_iou.astype(np.float32), gt_index, class_iou)
+        max_iou = np.zeros(len(boxes), dtype=np.float64)
+    return LabelledWindows(boxes, is_gt, max_iou, gt_index, class_iou)

@@ -125,9 +125,9 @@ def test_box_iou_equals_voc_plus_one_iou():
     expected = naive_voc_iou(a, b)
     got = box_iou(from_voc(a), from_voc(b))
     assert got.shape == (40, 30)
-    assert got.dtype == np.float32
+    assert got.dtype == np.float64
     assert (expected > 0).sum() > 100  # the random boxes overlap often enough to mean something
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
 
 
 def test_box_iou_hand_cases():
@@ -143,7 +143,7 @@ def test_box_iou_empty():
     assert box_iou(b, np.zeros((0, 4))).shape == (1, 0)
     out = box_iou(np.zeros((0, 4)), np.zeros((0, 4)))
     assert out.shape == (0, 0)
-    assert out.dtype == np.float32
+    assert out.dtype == np.float64
 
 
 def test_box_area():
@@ -222,3 +222,11 @@ def test_unique_boxes_matches_a_naive_loop():
 @pytest.mark.parametrize("fn", [from_voc, from_inclusive0, from_xywh])
 def test_from_accepts_lists_and_ints(fn):
     np.testing.assert_array_equal(fn([[1, 2, 3, 4]]), fn(np.array([[1.0, 2.0, 3.0, 4.0]])))
+
+
+def test_box_iou_is_exact_at_thresholds():
+    # 70 / 100 exactly: float32 would give 0.69999999 and miss recall@0.7 / a 0.3 rule
+    iou = box_iou(np.array([[0.0, 0.0, 10.0, 10.0]]), np.array([[0.0, 0.0, 7.0, 10.0]]))
+    assert iou.dtype == np.float64 and iou[0, 0] >= 0.7
+    iou = box_iou(np.array([[0.0, 0.0, 10.0, 10.0]]), np.array([[0.0, 0.0, 3.0, 10.0]]))
+    assert not iou[0, 0] < 0.3

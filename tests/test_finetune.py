@@ -246,3 +246,19 @@ def test_he_init_of_fc6_fc7_and_its_alternative():
     assert float(default.fc6.weight.std()) < 0.5 * float(he.fc6.weight.std())
     with pytest.raises(ValueError, match="unknown fc init"):
         FCHead(400, 300, 5, init="xavier")
+
+
+def test_standardization_is_fitted_saved_and_applied(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(500, 40) * 3 + 2  # uncentred, like max-pooled SPP vectors
+    head = FCHead(40, 16, 3).eval()
+    head.fit_standardization(x)
+    z = head.standardize(x)
+    assert torch.allclose(z.mean(0), torch.zeros(40), atol=1e-5)
+    assert torch.allclose(z.std(0), torch.ones(40), atol=1e-4)
+    expected = torch.relu(head.fc6((x - x.mean(0)) / x.std(0)))
+    torch.testing.assert_close(head.embed(x, "fc6"), expected)
+    torch.testing.assert_close(head.embed(x, "pool5"), x)  # pool5 stays the raw SPP vector
+    path = tmp_path / "model.pt"
+    torch.save({"model": head.state_dict(), "config": head.config()}, path)
+    torch.testing.assert_close(load_head(path)(x), head(x))

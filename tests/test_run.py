@@ -1,0 +1,48 @@
+"""Tests of sppdet.run: reopening a run directory with the same or other cached-stage settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sppdet.errors import CacheMismatchError, ConfigError
+from sppdet.run import Run, build_config
+
+
+def _cfg(**sections):
+    return build_config(None, **sections)
+
+
+def test_reopen_with_same_config_returns_the_stored_one(tmp_path):
+    cfg = _cfg(features={"backbone": "zf5", "weights": "random"})
+    Run.create(tmp_path, cfg)
+    again = Run.create(tmp_path, dataclasses.replace(cfg, workers=3))  # not a cached section
+    assert again.config.features == cfg.features
+    assert again.config.workers == cfg.workers  # the stored config wins
+
+
+def test_other_features_or_computed_proposal_settings_are_refused(tmp_path):
+    cfg = _cfg(features={"backbone": "zf5", "weights": "random", "scales": [240]})
+    Run.create(tmp_path / "a", cfg)
+    with pytest.raises(CacheMismatchError, match="features"):
+        Run.create(tmp_path / "a", _cfg(features={"backbone": "zf5", "scales": [480]}))
+    Run.create(tmp_path / "b", cfg)
+    with pytest.raises(CacheMismatchError, match="proposals"):
+        Run.create(tmp_path / "b", dataclasses.replace(cfg, proposals=_cfg(
+            proposals={"ks": [100]}).proposals))  # fmt: skip
+
+
+def test_imported_proposals_ignore_selective_search_settings(tmp_path):
+    data = {"proposals": "boxes.npz"}
+    Run.create(tmp_path, _cfg(data=data, proposals={"ks": [50, 100]}))
+    run = Run.create(tmp_path, _cfg(data=data, proposals={"ks": [50, 100, 150]}))
+    assert run.config.proposals.ks == (50, 100)  # the run keeps what it was made with
+
+
+def test_open_needs_a_run_directory_and_a_valid_config(tmp_path):
+    with pytest.raises(Exception, match="not a run directory"):
+        Run.open(tmp_path)
+    (tmp_path / "config.yaml").write_text("features:\n  no_such_key: 1\n")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        Run.open(tmp_path)
