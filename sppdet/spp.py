@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sppdet import spp_cpu
+
 __all__ = ["map_windows", "spp_pool", "SpatialPyramidPool", "spp_dim", "MAPPING_RULES"]
 
 #: ``paper``: cells whose receptive-field centres lie strictly inside the window
@@ -168,10 +170,11 @@ def spp_pool(
         levels: pyramid levels ``n`` (an ``n x n`` grid each); SPP-net detection uses (6, 3, 2, 1).
         chunk: windows processed together (bounds temporary memory to about
             ``chunk * 4 * B * C`` values).
-        method: ``"table"`` (2-D sparse table, 4 gathers per bin: all windows at once),
+        method: ``"kernel"`` (CPU only: compiled scan of each bin, see :mod:`sppdet.spp_cpu`),
+            ``"table"`` (2-D sparse table, 4 gathers per bin: all windows at once; the GPU path),
             ``"loop"`` (adaptive max pooling per cropped window: cheaper for a few windows, and
             the path used when ``fmap`` needs gradients), or ``"auto"`` (loop up to
-            :data:`LOOP_MAX_WINDOWS` windows).
+            :data:`LOOP_MAX_WINDOWS` windows, then kernel on CPU and table elsewhere).
 
     Returns:
         ``Tensor[R, C * B]``: per window, the concatenation over ``levels`` (in the given order)
@@ -190,9 +193,13 @@ def spp_pool(
         return fmap.new_zeros((0, c * nbins))
     _check_windows(windows, h, w)
     if method == "auto":
-        method = "loop" if windows.shape[0] <= LOOP_MAX_WINDOWS else "table"
+        method = _auto_method(fmap, windows.shape[0])
     if method == "loop":
         return _pool_loop(fmap, windows, levels)
+    if method == "kernel":
+        if fmap.requires_grad or fmap.device.type != "cpu" or not spp_cpu.available():
+            raise ValueError("method 'kernel' needs a CPU map without gradients and numba")
+        return spp_cpu.spp_pool_cpu(fmap, windows, levels)
     if method != "table":
         raise ValueError(f"unknown spp_pool method {method!r}")
     span = (windows[:, 2:] - windows[:, :2] + 1).max(dim=0).values  # largest bins: level 1
@@ -206,6 +213,15 @@ def spp_pool(
         for i in range(0, windows.shape[0], chunk)
     ]
     return torch.cat(outs, dim=0)
+
+
+def _auto_method(fmap: Tensor, num_windows: int) -> str:
+    """``kernel`` on CPU (compiled, fastest), ``table`` on GPUs, ``loop`` for few windows/grads."""
+    if fmap.requires_grad or num_windows <= LOOP_MAX_WINDOWS:
+        return "loop"
+    if fmap.device.type == "cpu" and spp_cpu.available():
+        return "kernel"
+    return "table"
 
 
 def _pool_loop(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor:

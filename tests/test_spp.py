@@ -225,6 +225,23 @@ def test_spp_pool_equals_naive_loop(levels, shape):
     torch.testing.assert_close(got.double(), naive_spp(fmap, windows, levels), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["loop", "table", "kernel"])
+@pytest.mark.parametrize("levels", [*LEVEL_SETS, (5, 2), (1,), (2, 4, 8)])
+def test_every_method_equals_the_naive_loop(method, levels):
+    # (2, 4, 8) checks nesting in any order; (5, 2) has no nested level (the kernel scans both)
+    gen = torch.Generator().manual_seed(11)
+    fmap = torch.randn(6, 21, 30, generator=gen)
+    windows = torch.cat([random_windows(gen, 21, 30, 60), torch.tensor([[0, 0, 29, 20]])])
+    got = spp_pool(fmap, windows, levels, method=method)
+    torch.testing.assert_close(got.double(), naive_spp(fmap, windows, levels), rtol=0, atol=0)
+
+
+def test_kernel_method_refuses_what_it_cannot_do():
+    fmap = torch.randn(2, 5, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="kernel"):
+        spp_pool(fmap, torch.tensor([[0, 0, 4, 4]]), method="kernel")
+
+
 @pytest.mark.parametrize("levels", LEVEL_SETS)
 def test_spp_pool_equals_adaptive_max_pool_of_the_crop(levels):
     gen = torch.Generator().manual_seed(7)
