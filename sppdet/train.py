@@ -133,18 +133,14 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     provider = run.provider(ds.split)
     head = _head(run, layer) if finetuned else None
     scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
-    trainer = None
+    trainer = _svm_with_positives(run, ds, provider, head, layer, scale, progress)
     for rec, lw, _ in tqdm(
         _labelled(ds, props), total=len(ds), desc=f"svm {layer}", disable=not progress
     ):
         x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
-        if trainer is None:
-            trainer = SVMTrainer(len(ds.classes), x.shape[1], run.config.svm, feature_scale=scale)
-        gt_labels = np.full(len(lw.boxes), -1, dtype=np.int64)
-        gt_labels[lw.is_gt] = rec.labels[~rec.difficult]
-        trainer.add_image(x, lw.is_gt, gt_labels, lw.class_iou, boxes=lw.boxes)
-    if trainer is None:
-        raise SppdetError("no training images")
+        # Positives are all in already; GT rows here only serve as other classes' negatives.
+        no_gt = np.zeros(len(lw.boxes), dtype=bool)
+        trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou, boxes=lw.boxes)
     svms = trainer.finish()
     stats = trainer.stats()
     svms.save(out / "svm.npz")
@@ -156,6 +152,27 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     }
     atomic_write_json(out / "stats.json", summary)
     return summary
+
+
+def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) -> SVMTrainer:
+    """An :class:`SVMTrainer` holding every positive: the non-difficult GT boxes of all images.
+
+    R-CNN (``rcnn_train.m``) gathers all positives before mining negatives, so even the first
+    retrain of a class sees all its positives; accumulating them image by image would make the
+    early models (which pick the hard negatives) from a handful of positives.
+    """
+    xs, ys = [], []
+    for rec in tqdm(ds, desc=f"svm {layer} positives", disable=not progress):
+        keep = ~rec.difficult
+        if keep.any():
+            x = _image_features(run, provider, rec, rec.boxes[keep], head, layer)
+            xs.append(x.cpu().numpy() * scale)
+            ys.append(rec.labels[keep])
+    if not xs:
+        raise SppdetError("no non-difficult ground-truth boxes in the training images")
+    trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], run.config.svm, feature_scale=scale)
+    trainer.add_positives(np.concatenate(xs), np.concatenate(ys))
+    return trainer
 
 
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
