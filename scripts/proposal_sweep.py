@@ -41,6 +41,9 @@ SETTINGS: dict[str, dict] = {
         "strategies": ("CTSF",),
     },
     "selectivesearch_default": {"backend": "selectivesearch"},
+    "default_ctsf_only": {"strategies": ("CTSF",)},
+    "default_max_side_500": {"max_side": 500},
+    "hsv_lab_k50_100_150": {"ks": (50, 100, 150)},
 }
 
 

@@ -214,3 +214,14 @@ def test_training_sees_at_most_max_negatives():
     st = trainer.stats()[0]
     assert st["negatives_trained"] == 20 and st["hard_added"] == 130
     assert st["cached_negatives"] <= 20
+
+
+def test_negative_cap_follows_the_memory_budget():
+    cfg = SVMConfig(max_negatives_per_class=15000, max_cache_gb=3.0, retrain_every=2000)
+    narrow = SVMTrainer.negative_cap(20, 2048, cfg)
+    wide = SVMTrainer.negative_cap(20, 4800, cfg)
+    assert narrow == 15000  # 20 x 17,000 x 2048 x 4 B fits in 3 GiB
+    assert wide < narrow
+    assert 20 * (wide + cfg.retrain_every) * 4800 * 4 <= 3.0 * 2**30
+    assert SVMTrainer.negative_cap(20, 10**7, cfg) == 1000  # the floor
+    assert SVMTrainer(20, 4800, cfg).caches[0].max_negatives == wide
