@@ -64,6 +64,7 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
         write_recall_report,
     )
     from sppdet.proposals import ProposalConfig
+    from sppdet.storage import git_commit
 
     changes = {k: v for k, v in {"backend": backend, "mode": mode}.items() if v is not None}
     config = dataclasses.replace(ProposalConfig(), **changes)
@@ -76,6 +77,7 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
     stats = read_stats(path) or {}
     report = proposal_recall(dataset, pset, seconds_per_image=stats.get("seconds_per_image"))
     report.update(source=pset.config.get("source", pset.config.get("proposals")), store=str(path))
+    report.update(config=dataclasses.asdict(config), commit=git_commit())
     json_out = json_out or path.with_name(f"{dataset.split}_recall.json")
     png = write_recall_report(report, json_out, title=f"{dataset.name} proposals")
     keys = ("recall_0.5", "recall_0.7", "mabo", "abo_all", "boxes_per_image", "seconds_per_image")
