@@ -33,16 +33,6 @@ GEOMETRY_SIZE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine the many tiny depthwise float64 convs of
-    measure_geometry run up to 20x slower with two OpenMP threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def built():
     """``name -> frozen trunk``, each built once for the module (vgg16 takes seconds)."""

@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -45,15 +44,6 @@ proposals:
 workers: 1
 device: cpu
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: everything here is tiny and the machine may be busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args: str | Path) -> Result:

@@ -26,15 +26,6 @@ HIDDEN = 8
 SPP = SPPConfig()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the ops are tiny and the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def extractor() -> FeatureExtractor:
     cfg = FeatureConfig(backbone="zf5", weights="random", scales=(64,), max_size=128, cache=False)

@@ -24,16 +24,6 @@ from sppdet.spp import map_windows, spp_dim, spp_pool
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=15.0, tap="test", torchvision_model=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these ops are tiny, and on a busy 2-core machine two OpenMP threads
-    per op make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> np.ndarray:
     """``Array[n, 4]`` internal xyxy integer boxes inside a ``width x height`` image."""
     x = np.sort(rng.integers(0, width + 1, size=(n, 2)), axis=1)

@@ -29,15 +29,6 @@ K = 3
 H, W = 96, 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a busy machine (and bitwise-repeatable sums)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- FCHead
 
 

@@ -13,16 +13,6 @@ from sppdet.spp import SpatialPyramidPool, map_windows, spp_dim, spp_pool
 LEVEL_SETS = [(6, 3, 2, 1), (4, 3, 2, 1)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these ops are tiny, and on a busy 2-core machine two OpenMP threads
-    per op make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- references
 
 
