@@ -25,8 +25,13 @@ from sppdet.voc_eval import Detections, EvalResult, evaluate_detections, write_c
 log = logging.getLogger(__name__)
 
 
-def load_detector(run: Run, test: TestConfig | None = None) -> Detector:
-    """A detector from the run's trained stages and its test config (or ``test``)."""
+def load_detector(
+    run: Run, test: TestConfig | None = None, *, classes: tuple[str, ...] | None = None
+) -> Detector:
+    """A detector from the run's trained stages and its test config (or ``test``).
+
+    ``classes``: the class names when the caller has them (else read from the training split).
+    """
     cfg = run.config.test if test is None else test
     head_path = run.path("finetune", "model.pt")
     need_head = cfg.scorer == "softmax" or (cfg.scorer == "svm" and cfg.layer != "pool5")
@@ -41,7 +46,8 @@ def load_detector(run: Run, test: TestConfig | None = None) -> Detector:
             raise SppdetError(f"no box regressors at {path}; run `sppdet train-bbox {run.root}`")
         bbox = BBoxRegressor.load(path)
         scale = float(read_json(run.path("bbox", "stats.json"))["feature_scale"])
-    classes = run.dataset().classes if run.config.data.devkit else _classes_from_stats(run)
+    if classes is None:
+        classes = run.dataset().classes if run.config.data.devkit else _classes_from_stats(run)
     return Detector(
         run.extractor,
         run.config.spp,
@@ -130,7 +136,9 @@ def evaluate_variants(
     time, so ``sppdet bench`` measures conv time separately.
     """
     ds = run.dataset(split, devkit=devkit, limit=limit)
-    detectors = {name: load_detector(run, test) for name, test in variants.items()}
+    detectors = {
+        name: load_detector(run, test, classes=ds.classes) for name, test in variants.items()
+    }
     props = run.proposals(ds)
     provider = run.provider(split)
     per_class = {name: defaultdict(list) for name in variants}
