@@ -197,9 +197,7 @@ class Detector:
         return scores.float(), regressed
 
     def _fc(self, pool5: Tensor, layer: str) -> Tensor:
-        """fc features (``layer`` in pool5/fc6/fc7) or class probabilities (``"softmax"``)."""
-        if layer == "pool5":
-            return pool5
+        """fc features (``layer`` fc6 or fc7) or class probabilities (``"softmax"``)."""
         out = []
         for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
             if layer == "softmax":

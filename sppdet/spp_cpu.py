@@ -99,14 +99,14 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
     out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     kernel, nest = _get(_kernel), _get(_nest)
-    done: dict[int, int] = {}  # level n -> its index in levels, for levels already computed
+    done: dict[int, int] = {}  # level n -> its column offset in out, for finished levels
     for k in sorted(range(len(levels)), key=lambda k: -levels[k]):  # finest first
         n = levels[k]
         # the coarsest finished level that nests this one: fewest cells to reduce per bin
-        finer = min((levels[m] for m in done.values() if levels[m] % n == 0), default=None)
+        finer = min((m for m in done if m % n == 0), default=None)
         if finer is None:
             kernel(hwc, win, n, out, int(starts[k]))
         else:  # union of nested finer bins (module docstring)
-            nest(out, int(starts[levels.index(finer)]), finer, int(starts[k]), n, c)
-        done[n] = k
+            nest(out, done[finer], finer, int(starts[k]), n, c)
+        done[n] = int(starts[k])
     return torch.from_numpy(out).to(fmap.dtype)
