@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from sppdet.detect import SCORERS
+from sppdet_cli.fast_options import fast_options, fast_test
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -26,12 +27,18 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
     help="With --run: every trained variant (pool5, fc7, fc7_bb, softmax, softmax_bb, random) "
     "in one pass, each to RUN/eval/<split>_<variant>/.",
 )
+@click.option(
+    "--fast-path",
+    is_flag=True,
+    help="With --ablations: also the speed settings (SVD ranks, bf16, no dedup) over fc7_bb.",
+)
 @click.option("--name", help="With --run: output name under RUN/eval/ (default: the split).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write {map, ap} here.")
 @click.option("--use-2010-metric", is_flag=True, help="All-point AP (VOC2010+), not 11-point.")
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list file.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Write pr_curves.png here.")
+@fast_options
 def command(
     voc2007,
     devkit,
@@ -42,12 +49,14 @@ def command(
     layer,
     no_bbox_reg,
     ablations,
+    fast_path,
     name,
     json_out,
     use_2010_metric,
     classes,
     limit,
     plots,
+    **speed,
 ):
     """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored)."""
     from sppdet.datasets import load_voc
@@ -60,11 +69,15 @@ def command(
     if (detections is None) == (run_dir is None):
         raise click.UsageError("give exactly one of --detections DIR or --run RUN_DIR")
     if run_dir is not None:
+        test = fast_test(speed)
         if ablations:
-            _eval_ablations(run_dir, devkit, split, limit, json_out)
+            _eval_ablations(run_dir, devkit, split, limit, json_out, test, fast_path)
             return
-        _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, json_out)
+        test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
+        _eval_run(run_dir, devkit, split, limit, test, name, json_out)
         return
+    if fast_path:
+        raise click.UsageError("--fast-path needs --run and --ablations")
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
     result = evaluate_comp4_dir(
@@ -77,15 +90,13 @@ def command(
         plot_pr_curves(result.per_class, plots / "pr_curves.png")
 
 
-def _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, json_out):
+def _eval_run(run_dir, devkit, split, limit, test, name, json_out):
     from sppdet.evaluate import evaluate_run
     from sppdet.run import Run
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
-    run = Run.open(run_dir).with_test(
-        scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None
-    )
+    run = Run.open(run_dir).with_test(**test)
     result, summary = evaluate_run(run, split, devkit=str(devkit), limit=limit, out_name=name)
     click.echo(format_ap_table(result))
     t = summary["seconds_per_image"]
@@ -94,14 +105,15 @@ def _eval_run(run_dir, devkit, split, limit, scorer, layer, no_bbox_reg, name, j
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run_dir, devkit, split, limit, json_out):
-    from sppdet.evaluate import ablation_variants, evaluate_variants
+def _eval_ablations(run_dir, devkit, split, limit, json_out, test, fast_path):
+    from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
     from sppdet.run import Run
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
-    run = Run.open(run_dir)
-    variants = {f"{split}_{k}": v for k, v in ablation_variants(run).items()}
+    run = Run.open(run_dir).with_test(**test)
+    found = {**ablation_variants(run), **(fast_variants(run) if fast_path else {})}
+    variants = {f"{split}_{k}": v for k, v in found.items()}
     results = evaluate_variants(run, split, variants, devkit=str(devkit), limit=limit)
     rows = []
     for name, (result, summary) in results.items():

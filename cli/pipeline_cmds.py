@@ -9,7 +9,9 @@ import click
 
 from sppdet.backbones import BACKBONES
 from sppdet.detect import SCORERS
+from sppdet.features import MODES
 from sppdet.scales import FIVE_SCALES
+from sppdet_cli.fast_options import fast_options, fast_test
 
 _PRESETS = {"1": "688", "5": ",".join(map(str, FIVE_SCALES))}
 
@@ -40,6 +42,11 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--proposals", "import_path", type=click.Path(), help="Import .npz/.mat proposals.")
 @click.option("--config", "config_path", type=click.Path(), help="YAML deltas over the defaults.")
 @click.option("--no-cache", is_flag=True, help="Do not cache conv maps (recompute on the fly).")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="spp (default: conv once per image) or rcnn (R-CNN baseline: conv per warped window).",
+)
 @click.option("--device", help="auto | cpu | cuda[:N].")
 @click.option("--workers", type=int, help="Processes for proposal computation.")
 def extract_command(
@@ -54,6 +61,7 @@ def extract_command(
     import_path,
     config_path,
     no_cache,
+    mode,
     device,
     workers,
 ):
@@ -75,6 +83,7 @@ def extract_command(
             "scales": _scales(scales),
             "max_size": max_size,
             "cache": False if no_cache else None,
+            "mode": mode,
         },
     )
     extra = {k: v for k, v in {"device": device, "workers": workers}.items() if v is not None}
@@ -93,17 +102,35 @@ def extract_command(
 
 _RUN = click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 _QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+MODE = click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="Expected mode of the run (set by extract --mode); a different one is an error.",
+)
+
+
+def open_run(run_dir, mode: str | None = None):
+    """Open a run, refusing one whose features.mode differs from ``mode`` (when given)."""
+    from sppdet.run import Run
+
+    run = Run.open(run_dir)
+    if mode is not None and run.config.features.mode != mode:
+        raise click.UsageError(
+            f"{run_dir} is a {run.config.features.mode!r} run, not {mode!r}: its models were "
+            f"trained on {run.config.features.mode} features (make another with extract --mode)"
+        )
+    return run
 
 
 @click.command("finetune")
 @_RUN
 @_QUIET
-def finetune_command(run_dir, quiet):
+@MODE
+def finetune_command(run_dir, quiet, mode):
     """Fine-tune fc6/fc7/classifier on SPP vectors (conv layers frozen)."""
-    from sppdet.run import Run
     from sppdet.train import run_finetune
 
-    m = run_finetune(Run.open(run_dir), progress=not quiet)
+    m = run_finetune(open_run(run_dir, mode), progress=not quiet)
     click.echo(f"finetune: loss {m['final_loss']:.3f}, held-out accuracy {m['heldout_accuracy']}")
 
 
@@ -117,24 +144,24 @@ def finetune_command(run_dir, quiet):
     help="Features the SVMs are trained on.",
 )
 @_QUIET
-def train_svm_command(run_dir, layer, quiet):
+@MODE
+def train_svm_command(run_dir, layer, quiet, mode):
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
-    from sppdet.run import Run
     from sppdet.train import run_train_svm
 
-    s = run_train_svm(Run.open(run_dir), layer, progress=not quiet)
+    s = run_train_svm(open_run(run_dir, mode), layer, progress=not quiet)
     click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
 
 
 @click.command("train-bbox")
 @_RUN
 @_QUIET
-def train_bbox_command(run_dir, quiet):
+@MODE
+def train_bbox_command(run_dir, quiet, mode):
     """Per-class ridge box regressors on SPP (pool5) vectors."""
-    from sppdet.run import Run
     from sppdet.train import run_train_bbox
 
-    s = run_train_bbox(Run.open(run_dir), progress=not quiet)
+    s = run_train_bbox(open_run(run_dir, mode), progress=not quiet)
     click.echo(f"train-bbox: done in {s['seconds']:.1f} s")
 
 
@@ -144,12 +171,12 @@ def train_bbox_command(run_dir, quiet):
     "--layer", type=click.Choice(["fc7", "fc6", "pool5"]), default="fc7", show_default=True
 )
 @_QUIET
-def train_command(run_dir, layer, quiet):
+@MODE
+def train_command(run_dir, layer, quiet, mode):
     """finetune -> train-svm -> train-bbox (each skipped when already done)."""
-    from sppdet.run import Run
     from sppdet.train import run_train
 
-    t = run_train(Run.open(run_dir), layer=layer, progress=not quiet)
+    t = run_train(open_run(run_dir, mode), layer=layer, progress=not quiet)
     click.echo("train: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
 
 
@@ -161,9 +188,16 @@ def train_command(run_dir, layer, quiet):
 @click.option("--score-threshold", type=float, help="Minimum score to report.")
 @click.option("--scorer", type=click.Choice(SCORERS))
 @click.option("--device", help="auto | cpu | cuda[:N].")
-def detect_command(images, run_dir, json_out, out_image, score_threshold, scorer, device):
+@MODE
+@fast_options
+def detect_command(
+    images, run_dir, json_out, out_image, score_threshold, scorer, device, mode, **kw
+):
     """Detect objects in images with a trained run; print, draw and/or save them."""
     from sppdet.predict import detect_images
+
+    open_run(run_dir, mode)
+    test = fast_test(kw)
 
     results = detect_images(
         [Path(p) for p in images],
@@ -172,6 +206,7 @@ def detect_command(images, run_dir, json_out, out_image, score_threshold, scorer
         device=device,
         score_threshold=score_threshold,
         scorer=scorer,
+        test=test,
     )
     for res in results:
         click.echo(f"{res['image']}: {len(res['detections'])} detections")

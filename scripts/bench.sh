@@ -13,3 +13,12 @@ if [ -d ../shared/data/VOCdevkit ]; then
 else
     echo "skipping the VOC eval check: ../shared/data/VOCdevkit not found"
 fi
+# SPP-net 1-scale / 5-scale vs R-CNN mode, same images, proposals and trained stages (issue 7).
+# Needs a trained run on the real data: `make voc07-1scale` makes runs/voc07_1s.
+BENCH_RUN=${BENCH_RUN:-runs/voc07_1s}
+if [ -f "$BENCH_RUN/svm_fc7/svm.npz" ] && [ -d ../shared/data/VOCdevkit ]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/sppdet" bench --devkit ../shared/data/VOCdevkit \
+        --split val --limit "${BENCH_LIMIT:-10}" --run "$BENCH_RUN" --name "bench_voc07_val_cpu" --quiet
+else
+    echo "skipping sppdet bench: no trained run at $BENCH_RUN (make voc07-1scale) or no ../shared"
+fi

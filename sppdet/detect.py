@@ -19,9 +19,12 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
-from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig, pool_windows
+from sppdet.fastpath import CompressedHead, fc_autocast
+from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig, pool_windows, unique_windows
+from sppdet.rcnn import rcnn_featurizer
 
-STAGES = ("proposals", "conv", "spp", "fc", "svm", "bbox", "nms")
+#: Timed stages; "warp" (cropping and warping windows) is R-CNN mode's only.
+STAGES = ("proposals", "warp", "conv", "spp", "fc", "svm", "bbox", "nms")
 SCORERS = ("svm", "softmax", "random")
 
 
@@ -39,6 +42,11 @@ class TestConfig:
     pre_nms_top_k: int = 300  # per class, before NMS (bounds NMS cost)
     max_per_image: int = 100  # detections kept per image (Fast R-CNN, for evaluation)
     fc_batch: int = 1024  # windows per fc forward pass (bounds memory)
+    dedup: bool = True  # pool and score once per distinct (scale, map-cell window): windows
+    # that map to the same cells have identical SPP vectors (exact; SPP mode only)
+    svd_fc6: int = 0  # rank of fc6's truncated SVD (Fast R-CNN 3.1); 0 = exact fc6
+    svd_fc7: int = 0  # rank of fc7's truncated SVD; 0 = exact fc7
+    fc_dtype: str = "float32"  # fc stage autocast: float32 | bfloat16 (CPU/CUDA) | float16 (CUDA)
 
 
 @dataclass
@@ -115,6 +123,13 @@ class Detector:
             raise ValueError("scorer 'svm' needs trained SVMs")
         if config.scorer == "softmax" and head is None:
             raise ValueError("scorer 'softmax' needs a fine-tuned head")
+        fc_autocast(self.device, config.fc_dtype)  # validates the dtype for this device
+        if head is not None and (config.svd_fc6 or config.svd_fc7):
+            self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7)
+        self._fc_key = f"{config.svd_fc6}/{config.svd_fc7}/{config.fc_dtype}"
+        self.rcnn = None
+        if extractor.config.mode == "rcnn":
+            self.rcnn = rcnn_featurizer(extractor, spp)
 
     @property
     def device(self) -> torch.device:
@@ -133,6 +148,8 @@ class Detector:
                 raise ValueError("no proposals given and no proposal function configured")
             proposals = self.propose(image)
         t1 = time.perf_counter()
+        if self.rcnn is not None:
+            return self._detect_rcnn(image, proposals, t1 - t0)
         maps = self.extractor.compute(image)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -140,6 +157,19 @@ class Detector:
         dets = self.detect_maps(maps, image.shape[:2], proposals)
         dets.timings["proposals"] = dets.timings.get("proposals", 0.0) + t1 - t0
         dets.timings["conv"] = t2 - t1
+        return dets
+
+    def _detect_rcnn(self, image: np.ndarray, proposals: np.ndarray, t_prop: float) -> Detections:
+        """R-CNN mode: every window warped and run through the conv layers on its own."""
+        sub: dict[str, float] = {}
+        prepared = self.rcnn.prepare(image, self.device)
+        dets = self.detect_with(
+            lambda b: (self.rcnn.features(prepared, b, sub), None), image.shape[:2], proposals
+        )
+        t = dets.timings
+        t["proposals"] = t.get("proposals", 0.0) + t_prop
+        t["warp"], t["conv"] = sub.get("warp", 0.0), sub.get("conv", 0.0)
+        t["spp"] = max(t.get("spp", 0.0) - t["warp"] - t["conv"], 0.0)
         return dets
 
     @torch.inference_mode()
@@ -157,6 +187,23 @@ class Detector:
         fc features and regressed boxes are computed once. Each variant's timings still include
         the time the shared values took, as if it had run alone.
         """
+        spec, spp = self.extractor.spec, self.spp
+
+        def pool(boxes: np.ndarray) -> tuple[Tensor, np.ndarray | None]:
+            if not self.config.dedup:
+                return pool_windows(maps, boxes, spec, spp), None
+            first, inverse = unique_windows(maps, boxes, spec, spp)
+            return pool_windows(maps, boxes[first], spec, spp), inverse
+
+        return self.detect_with(pool, size, proposals, shared)
+
+    @torch.inference_mode()
+    def detect_with(self, pool, size: tuple[int, int], proposals: np.ndarray, shared=None):
+        """Detect given a window featuriser (the core of :meth:`detect_maps` / R-CNN mode).
+
+        ``pool(boxes: Array[N, 4]) -> (Tensor[U, D], inverse)``: pool5 vectors of the distinct
+        windows and ``Array[N]`` each window's row (``inverse = None``: one row per window).
+        """
         clock = _Clock(self.device)
         h, w = size
         boxes = clip_boxes(proposals, w, h)
@@ -165,50 +212,57 @@ class Detector:
         clock.lap("proposals")
         if len(boxes) == 0:
             return _empty(clock.times)
-        scores, regressed = self._score(maps, boxes, clock, {} if shared is None else shared)
+        scores, regressed = self._score(pool, boxes, clock, {} if shared is None else shared)
         dets = self._suppress(boxes, scores, regressed, (w, h), clock)
         dets.timings = {k: v for k, v in clock.times.items() if not k.startswith("_")}
         return dets
 
-    def _score(
-        self, maps: list[ScaleMap], boxes: np.ndarray, clock: _Clock, shared: dict
-    ) -> tuple[Tensor, Tensor | None]:
+    def _score(self, pool, boxes: np.ndarray, clock: _Clock, shared: dict):
         cfg = self.config
-        pool5 = clock.shared(
-            shared, "pool5", "spp", lambda: pool_windows(maps, boxes, self.extractor.spec, self.spp)
-        )
+        key = f"pool5/{cfg.dedup}"
+        pool5, inverse = clock.shared(shared, key, "spp", lambda: pool(boxes))
+        fc_key = f"{key}/{self._fc_key}"
         if cfg.scorer == "random":
             n_cls = len(self.classes)
+            # One draw per window (not per distinct window): chance on the same proposals.
             scores = torch.rand(len(boxes), n_cls, generator=self._rng).to(self.device)
+            inverse = None
             clock.lap("fc")
         elif cfg.scorer == "softmax":
-            scores = clock.shared(shared, "softmax", "fc", lambda: self._fc(pool5, "softmax"))
+            scores = clock.shared(
+                shared, f"{fc_key}/softmax", "fc", lambda: self._fc(pool5, "softmax")
+            )
         else:
             x = (
                 pool5  # pool5 SVMs score the SPP vectors themselves: no fc work to share
                 if cfg.layer == "pool5"
-                else clock.shared(shared, cfg.layer, "fc", lambda: self._fc(pool5, cfg.layer))
+                else clock.shared(
+                    shared, f"{fc_key}/{cfg.layer}", "fc", lambda: self._fc(pool5, cfg.layer)
+                )
             )
             scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
             clock.lap("svm")
         regressed = None
         if cfg.bbox_reg and self.bbox is not None:
-            regressed = clock.shared(shared, "bbox", "bbox", lambda: self._regress(pool5, boxes))
-        return scores.float(), regressed
+            regressed = clock.shared(
+                shared, f"{key}/bbox", "bbox", lambda: self._regress(pool5, inverse, boxes)
+            )
+        return _expand(scores.float(), inverse), regressed
 
     def _fc(self, pool5: Tensor, layer: str) -> Tensor:
         """fc features (``layer`` fc6 or fc7) or class probabilities (``"softmax"``)."""
         out = []
-        for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
-            if layer == "softmax":
-                out.append(torch.softmax(self.head(chunk), dim=1)[:, 1:])
-            else:
-                out.append(self.head.embed(chunk, layer))
+        with fc_autocast(self.device, self.config.fc_dtype):
+            for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
+                if layer == "softmax":
+                    out.append(torch.softmax(self.head(chunk).float(), dim=1)[:, 1:])
+                else:
+                    out.append(self.head.embed(chunk, layer).float())
         return torch.cat(out)
 
-    def _regress(self, pool5: Tensor, boxes: np.ndarray) -> Tensor:
+    def _regress(self, pool5: Tensor, inverse: np.ndarray | None, boxes: np.ndarray) -> Tensor:
         """``Tensor[N, K, 4]``: every window refined by every class's regressor."""
-        feats_np = (pool5 * self.bbox_scale).cpu().numpy()
+        feats_np = (_expand(pool5, inverse) * self.bbox_scale).cpu().numpy()
         return torch.as_tensor(
             self.bbox.predict_all(feats_np, boxes), dtype=torch.float32, device=self.device
         )
@@ -239,6 +293,11 @@ class Detector:
             s[keep].cpu().numpy().astype(np.float32),
             lab[keep].cpu().numpy().astype(np.int64),
         )
+
+
+def _expand(x: Tensor, inverse: np.ndarray | None) -> Tensor:
+    """Rows of the distinct windows back to one row per window."""
+    return x if inverse is None else x[torch.from_numpy(inverse).to(x.device)]
 
 
 def _empty(times) -> Detections:

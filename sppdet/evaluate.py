@@ -16,6 +16,7 @@ from sppdet.errors import SppdetError
 from sppdet.finetune import load_head
 from sppdet.imageio import load_image
 from sppdet.proposals import propose
+from sppdet.rcnn import RCNNProvider
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit, read_json
 from sppdet.train import load_svms
@@ -71,6 +72,27 @@ ABLATIONS: dict[str, dict] = {
     "softmax_bb": {"scorer": "softmax", "bbox_reg": True},
     "random": {"scorer": "random", "bbox_reg": False},  # chance: same proposals, random scores
 }
+
+
+#: Speed settings of the test path (issue 7), each over the ``fc7_bb`` row: their mAP cost is
+#: measured in the same pass over the images as the exact path (``eval --ablations --fast-path``).
+#: Fast R-CNN's ranks were fc6 1024 / fc7 256 for VGG16's 4096-wide fc layers.
+FAST_VARIANTS: dict[str, dict] = {
+    "fc7_bb_nodedup": {"dedup": False},
+    "fc7_bb_svd1024_256": {"svd_fc6": 1024, "svd_fc7": 256},
+    "fc7_bb_svd512_128": {"svd_fc6": 512, "svd_fc7": 128},
+    "fc7_bb_svd256_64": {"svd_fc6": 256, "svd_fc7": 64},
+    "fc7_bb_bf16": {"fc_dtype": "bfloat16"},
+    "fc7_bb_svd512_128_bf16": {"svd_fc6": 512, "svd_fc7": 128, "fc_dtype": "bfloat16"},
+}
+
+
+def fast_variants(run: Run) -> dict[str, TestConfig]:
+    """The :data:`FAST_VARIANTS` (needs the fc7 SVMs, the head and the box regressors)."""
+    base = ablation_variants(run).get("fc7_bb")
+    if base is None:
+        raise SppdetError(f"the fast-path variants need fc7 SVMs and box regressors in {run.root}")
+    return {name: dataclasses.replace(base, **ch) for name, ch in FAST_VARIANTS.items()}
 
 
 def ablation_variants(run: Run) -> dict[str, TestConfig]:
@@ -147,11 +169,11 @@ def evaluate_variants(
     for rec in tqdm(ds, desc=f"detect {split}", unit="img", disable=not progress):
         t0 = time.perf_counter()
         size = (rec.height, rec.width)
-        maps = provider.maps(rec.image_id, size, lambda r=rec: load_image(r.path))
+        detect = _image_detect(provider, rec, size, props.boxes_for(rec.image_id))
         conv = time.perf_counter() - t0
         shared: dict = {}
         for name, detector in detectors.items():
-            dets = detector.detect_maps(maps, size, props.boxes_for(rec.image_id), shared)
+            dets = detect(detector, shared)
             times[name]["conv"] += conv
             for k, v in dets.timings.items():
                 times[name][k] += v
@@ -161,6 +183,17 @@ def evaluate_variants(
         name: _finish(run, ds, split, name, variants[name], per_class[name], times[name], wall)
         for name in variants
     }
+
+
+def _image_detect(provider, rec, size, boxes):
+    """``detect(detector, shared)`` for one image: SPP mode pools its (cached) conv maps,
+    R-CNN mode warps its windows from the image (their conv time is counted under "spp")."""
+    if isinstance(provider, RCNNProvider):
+        prepared = provider.featurizer.prepare(load_image(rec.path), provider.extractor.device)
+        pool = lambda b: (provider.featurizer.features(prepared, b), None)  # noqa: E731
+        return lambda det, shared: det.detect_with(pool, size, boxes, shared)
+    maps = provider.maps(rec.image_id, size, lambda: load_image(rec.path))
+    return lambda det, shared: det.detect_maps(maps, size, boxes, shared)
 
 
 def _collect(per_class: dict, image_id: str, dets) -> None:

@@ -37,6 +37,9 @@ def extract(
         "seconds": 0.0,
     }
     cfg = run.config.features
+    if cfg.mode == "rcnn":
+        log.info("R-CNN mode: windows are warped and convolved when needed; no maps to cache")
+        return summary
     if not cfg.cache:
         log.info("feature caching is off: later stages compute conv maps on the fly")
         return summary

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sppdet.backbones import BackboneSpec, backbone_spec, build_backbone, normalize, weights_id
-from sppdet.errors import CacheMismatchError
+from sppdet.errors import CacheMismatchError, ConfigError
 from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
 from sppdet.storage import atomic_save_npy, check_manifest, versions
@@ -38,6 +38,12 @@ class FeatureConfig:
     max_size: int = 2000  # cap on the longer side (Fast R-CNN MAX_SIZE)
     cache: bool = True  # keep maps on disk; off -> later stages recompute them on the fly
     dtype: str = "float16"  # cached map dtype (fp16 halves disk; SPP max pooling is exact in it)
+    mode: str = "spp"  # "spp": conv once per image (the paper); "rcnn": once per warped window
+    # (R-CNN, the baseline of table 10; nothing is cached, see sppdet.rcnn)
+    context_padding: int = 16  # R-CNN mode: context pixels around each warped window
+    rcnn_batch: int = 64  # R-CNN mode: windows per conv forward pass (bounds memory)
+    rcnn_input: int = 0  # R-CNN mode: warp size in pixels; 0 = the backbone's ImageNet input
+    # size (224; R-CNN's AlexNet used 227)
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,15 @@ class ScaleMap:
     factor: float
 
 
+MODES = ("spp", "rcnn")
+
+
 class FeatureExtractor:
     """A frozen backbone on a device that turns an RGB image into its pyramid of conv maps."""
 
     def __init__(self, config: FeatureConfig, device: torch.device | str = "cpu") -> None:
+        if config.mode not in MODES:
+            raise ConfigError(f"unknown features.mode {config.mode!r}; expected one of {MODES}")
         self.config = config
         self.device = torch.device(device)
         self.spec: BackboneSpec = backbone_spec(config.backbone)
@@ -93,7 +104,13 @@ class FeatureExtractor:
     def manifest(self) -> dict:
         """Everything that determines the maps' content, for cache manifests."""
         c = self.config
+        rcnn = (
+            {"mode": "rcnn", "context_padding": c.context_padding, "rcnn_input": c.rcnn_input}
+            if c.mode == "rcnn"
+            else {}
+        )
         return {
+            **rcnn,  # absent in SPP mode, so SPP caches made before R-CNN mode stay valid
             "kind": "conv_feature_maps",
             "backbone": c.backbone,
             "weights": weights_id(c.weights, c.seed),
@@ -138,9 +155,12 @@ class FeatureCache:
 class MapProvider:
     """Conv maps of dataset images: from the cache when present, else computed (and cached)."""
 
-    def __init__(self, extractor: FeatureExtractor, cache: FeatureCache | None) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, cache: FeatureCache | None, spp: SPPConfig | None = None
+    ) -> None:
         self.extractor = extractor
         self.cache = cache
+        self.spp = spp if spp is not None else SPPConfig()
 
     def maps(
         self,
@@ -173,6 +193,25 @@ class MapProvider:
                 self.cache.save(image_id, s, flip, m.fmap)
         return [m for s, m in zip(all_scales, maps, strict=True) if s in want]
 
+    def pool5(
+        self,
+        image_id: str,
+        size: tuple[int, int],
+        load_image,
+        boxes: np.ndarray,
+        *,
+        flip: bool = False,
+        scales: Sequence[int] | None = None,
+    ) -> Tensor:
+        """``Tensor[N, D]`` SPP vectors of ``boxes`` (``Array[N, 4]``, unflipped image pixels).
+
+        The window features every training stage uses; :class:`sppdet.rcnn.RCNNProvider` has
+        the same method for R-CNN mode. With ``flip`` the boxes are mirrored to the flipped map.
+        """
+        maps = self.maps(image_id, size, load_image, flip=flip, scales=scales)
+        b = flip_boxes(boxes, size[1]) if flip else boxes
+        return pool_windows(maps, b, self.extractor.spec, self.spp)
+
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     """Mirror internal xyxy ``Array[N, 4]`` boxes in an image of ``width`` pixels."""
@@ -181,14 +220,63 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return b
 
 
+def window_cells(
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+) -> tuple[np.ndarray, Tensor]:
+    """Where each window is pooled: its scale and its cells on that scale's map.
+
+    Each window uses ONE scale, the one where its area is closest to 224² (SPEC 2;
+    ``spm_expected_scale.m``), and is mapped to map cells by the paper's rule (SPEC 3).
+
+    Args:
+        maps: the image's maps, one per scale.
+        boxes: ``Array[N, 4]`` internal xyxy in original image pixels.
+
+    Returns:
+        ``(which, cells)``: ``Array[N]`` scale index and ``LongTensor[N, 4]`` inclusive cell
+        windows ``x1, y1, x2, y2`` (on the CPU).
+    """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    which = select_scales(b, [m.factor for m in maps]) if len(maps) > 1 else np.zeros(len(b), int)
+    cells = torch.zeros((len(b), 4), dtype=torch.long)
+    for k, m in enumerate(maps):
+        idx = np.flatnonzero(which == k)
+        if len(idx) == 0:
+            continue
+        cells[torch.from_numpy(idx)] = map_windows(
+            torch.from_numpy(b[idx] * m.factor),
+            stride=spec.stride,
+            offset=spec.offset,
+            fmap_size=tuple(m.fmap.shape[1:]),
+            rule=spp.rule,
+            shrink=spp.shrink,
+        ).cpu()
+    return which, cells
+
+
+def unique_windows(
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows that pool the same cells at the same scale have identical SPP vectors.
+
+    Returns:
+        ``(first, inverse)``: ``Array[U]`` index of one window per distinct (scale, cells) and
+        ``Array[N]`` the position in ``first`` of each window's group, so that
+        ``pool_windows(maps, boxes)[i] == pool_windows(maps, boxes[first])[inverse[i]]``.
+    """
+    which, cells = window_cells(maps, boxes, spec, spp)
+    keys = np.concatenate([which[:, None], cells.numpy()], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+
+
 def pool_windows(
     maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
 ) -> Tensor:
     """SPP vectors of windows given in original-image pixels.
 
-    Each window is pooled at ONE scale, the one where its area is closest to 224² (SPEC 2;
-    ``spm_expected_scale.m``); windows are grouped per scale, pooled in one batched call each and
-    written back by index (detectron2 ``ROIPooler`` style).
+    Each window is pooled at one scale (:func:`window_cells`); windows are grouped per scale,
+    pooled in one batched call each and written back by index (detectron2 ``ROIPooler`` style).
 
     Args:
         maps: the image's maps, one per scale.
@@ -197,25 +285,17 @@ def pool_windows(
     Returns:
         ``Tensor[N, C * B]`` float32 on the maps' device (``N = 0`` gives ``[0, D]``).
     """
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     dev = maps[0].fmap.device
     dim = spp_dim(maps[0].fmap.shape[0], spp.levels)
-    out = torch.zeros((len(b), dim), device=dev)
-    if len(b) == 0:
+    n = len(np.asarray(boxes).reshape(-1, 4))
+    out = torch.zeros((n, dim), device=dev)
+    if n == 0:
         return out
-    which = select_scales(b, [m.factor for m in maps]) if len(maps) > 1 else np.zeros(len(b), int)
+    which, cells = window_cells(maps, boxes, spec, spp)
     for k, m in enumerate(maps):
         idx = np.flatnonzero(which == k)
         if len(idx) == 0:
             continue
-        scaled = torch.from_numpy(b[idx] * m.factor).to(dev)
-        win = map_windows(
-            scaled,
-            stride=spec.stride,
-            offset=spec.offset,
-            fmap_size=tuple(m.fmap.shape[1:]),
-            rule=spp.rule,
-            shrink=spp.shrink,
-        )
-        out[torch.from_numpy(idx).to(dev)] = spp_pool(m.fmap, win, spp.levels)
+        sel = torch.from_numpy(idx)
+        out[sel.to(dev)] = spp_pool(m.fmap, cells[sel].to(dev), spp.levels)
     return out

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sppdet.features import MapProvider, SPPConfig, flip_boxes, pool_windows
+from sppdet.features import MapProvider, SPPConfig
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
 from sppdet.windows import label_windows
@@ -191,15 +191,14 @@ class _Batcher:
         rec = self.records[w.index]
         scales = self.provider.extractor.config.scales
         scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
-        maps = self.provider.maps(
+        return self.provider.pool5(
             rec.image_id,
             (rec.height, rec.width),
             lambda: load_image(rec.path),
+            w.boxes[idx],
             flip=flip,
             scales=(scale,),
         )
-        boxes = flip_boxes(w.boxes[idx], rec.width) if flip else w.boxes[idx]
-        return pool_windows(maps, boxes, self.provider.extractor.spec, self.spp)
 
 
 def _lr(cfg: FinetuneConfig, step: int) -> float:

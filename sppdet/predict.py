@@ -19,16 +19,18 @@ def detect_images(
     device: str | None = None,
     score_threshold: float | None = None,
     scorer: str | None = None,
+    test: dict | None = None,
 ) -> list[dict]:
     """Detect in each image; returns ``[{"image", "detections": [{class, score, box}]}]``.
 
     Boxes are internal 0-based continuous xyxy pixels. With ``out_image`` a PNG with the boxes
-    is written (to that path for one image, into that directory for several).
+    is written (to that path for one image, into that directory for several). ``test``:
+    further :class:`~sppdet.detect.TestConfig` overrides (e.g. the speed options).
     """
     run = Run.open(run_dir)
     if device is not None:
         run = Run(run.root, dataclasses.replace(run.config, device=device))
-    run = run.with_test(scorer=scorer)
+    run = run.with_test(scorer=scorer, **(test or {}))
     detector = load_detector(run)
     results = []
     for path in paths:

@@ -32,6 +32,7 @@ from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapPr
 from sppdet.finetune import FinetuneConfig
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
+from sppdet.rcnn import RCNNProvider
 from sppdet.storage import atomic_write_text, canonical, diff
 from sppdet.svm import SVMConfig
 
@@ -181,11 +182,14 @@ class Run:
             import_path=path,
         )
 
-    def provider(self, split: str) -> MapProvider:
+    def provider(self, split: str) -> MapProvider | RCNNProvider:
+        """Window features of ``split``: cached conv maps (SPP) or warped crops (R-CNN mode)."""
+        if self.config.features.mode == "rcnn":
+            return RCNNProvider(self.extractor, self.config.spp)
         cache = None
         if self.config.features.cache:
             cache = FeatureCache(self.root / "features" / split, self.extractor.manifest())
-        return MapProvider(self.extractor, cache)
+        return MapProvider(self.extractor, cache, self.config.spp)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

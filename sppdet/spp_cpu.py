@@ -97,7 +97,8 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
     win = np.ascontiguousarray(windows.numpy().astype(np.int64))
     starts = np.cumsum([0] + [c * n * n for n in levels])
     out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     kernel, nest = _get(_kernel), _get(_nest)
     done: dict[int, int] = {}  # level n -> its column offset in out, for finished levels
     for k in sorted(range(len(levels)), key=lambda k: -levels[k]):  # finest first
@@ -109,4 +110,9 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
         else:  # union of nested finer bins (module docstring)
             nest(out, done[finer], finer, int(starts[k]), n, c)
         done[n] = int(starts[k])
+    if torch.get_num_threads() != threads:
+        # numba's OpenMP layer starts NUMBA_NUM_THREADS workers on its first launch, which also
+        # resets torch's OpenMP pool (one libgomp): a process limited to 1 thread (e.g. beside
+        # another job) silently went back to all cores. Restore the caller's setting.
+        torch.set_num_threads(threads)
     return torch.from_numpy(out).to(fmap.dtype)

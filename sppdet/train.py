@@ -18,7 +18,6 @@ from tqdm import tqdm
 from sppdet.bbox_reg import BBoxRegressor, BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.errors import SppdetError
-from sppdet.features import flip_boxes, pool_windows
 from sppdet.finetune import LAYERS, FCHead, finetune, load_head
 from sppdet.imageio import load_image
 from sppdet.run import Run
@@ -78,12 +77,10 @@ def _head(run: Run, layer: str) -> FCHead | None:
 
 def _image_features(run: Run, provider, rec, boxes, head, layer, flip=False) -> torch.Tensor:
     """``Tensor[N, D]`` features of ``boxes`` of one image at ``layer`` (pool5 = SPP vector)."""
-    maps = provider.maps(
-        rec.image_id, (rec.height, rec.width), lambda: load_image(rec.path), flip=flip
-    )
-    b = flip_boxes(boxes, rec.width) if flip else boxes
     with torch.inference_mode():
-        x = pool_windows(maps, b, run.extractor.spec, run.config.spp)
+        x = provider.pool5(
+            rec.image_id, (rec.height, rec.width), lambda: load_image(rec.path), boxes, flip=flip
+        )
         if layer == "pool5" or head is None:
             return x
         return torch.cat([head.embed(c, layer) for c in x.split(run.config.test.fc_batch)])

@@ -162,3 +162,38 @@ def _pil_rect(box: np.ndarray) -> tuple[float, float, float, float]:
     """PIL rectangles include both corner pixels: continuous ``[x1, x2)`` is pixels x1..x2-1."""
     x1, y1, x2, y2 = (float(v) for v in box)
     return (x1, y1, max(x2 - 1, x1), max(y2 - 1, y1))
+
+
+def plot_stage_times(
+    stages: Mapping[str, Mapping[str, float]],
+    order: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "seconds per image by stage",
+) -> None:
+    """Stacked horizontal bars: one bar per method, one segment per stage (log-free seconds).
+
+    Args:
+        stages: method -> stage -> seconds per image.
+        order: the stages to stack, in order (others are ignored).
+        path: output PNG.
+    """
+    if not stages:
+        raise ValueError("plot_stage_times: no methods to plot")
+    names = list(stages)
+    fig = _figure(7.0, 1.2 + 0.5 * len(names))
+    ax = fig.subplots()
+    left = np.zeros(len(names))
+    for stage in order:
+        width = np.array([float(stages[m].get(stage, 0.0)) for m in names])
+        if width.sum() > 0:
+            ax.barh(names, width, left=left, label=stage)
+            left += width
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.3f} s", va="center", fontsize=8)
+    ax.set_xlim(0, left.max() * 1.2 if left.max() > 0 else 1)
+    ax.set_xlabel("seconds per image")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=4, loc="lower right")
+    ax.invert_yaxis()
+    _save_figure(fig, path)

@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
@@ -28,6 +29,8 @@ features:
   weights: random
   scales: [64]
   max_size: 128
+  rcnn_input: 32   # R-CNN mode / bench: 32-pixel warps keep per-window conv passes cheap
+  context_padding: 4
 finetune:
   hidden: 32
   iterations: 30
@@ -158,3 +161,85 @@ def test_second_train_is_a_no_op(trained, caplog):
     assert "fine-tuning already done" in messages
     assert "SVMs already trained" in messages
     assert "box regressors already trained" in messages
+
+
+def test_eval_fast_path_variants_in_one_pass(trained):
+    """Dedup is exact: the same detections as without it; SVD / bf16 variants are evaluated."""
+    data, run, root = trained["data"], trained["run"], trained["root"]
+    out_json = root / "fast.json"
+    args = ("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val")
+    invoke(*args, "--ablations", "--fast-path", "--json", out_json)
+    res = json.loads(out_json.read_text())
+    assert {"val_fc7_bb", "val_fc7_bb_nodedup", "val_fc7_bb_svd512_128", "val_fc7_bb_bf16"} <= set(
+        res
+    )
+    assert res["val_fc7_bb_nodedup"] == res["val_fc7_bb"]
+    comp4 = "comp4_det_val_disc.txt"
+    exact = (run / "eval" / "val_fc7_bb" / comp4).read_text().split()
+    nodedup = (run / "eval" / "val_fc7_bb_nodedup" / comp4).read_text().split()
+    # same rows; scores equal up to float rounding (the fc matmul sees a different row count)
+    assert len(exact) == len(nodedup) > 0
+    assert np.allclose(
+        np.float64(exact).reshape(-1, 6), np.float64(nodedup).reshape(-1, 6), atol=1e-5
+    )
+    # hidden width 32 < rank 512: the "truncated" SVD keeps every singular value
+    assert res["val_fc7_bb_svd512_128"]["map"] == pytest.approx(res["val_fc7_bb"]["map"], abs=0.02)
+    bad = CliRunner().invoke(
+        cli,
+        [
+            str(a)
+            for a in (
+                *args[:-4],
+                "--fast-path",
+                "--split",
+                "val",
+                "--devkit",
+                data,
+                "--detections",
+                root,
+            )
+        ],
+    )
+    assert bad.exit_code != 0
+
+
+def test_bench_times_spp_and_rcnn_side_by_side(trained):
+    data, run, root = trained["data"], trained["run"], trained["root"]
+    out = invoke(
+        "bench", "--devkit", data, "--split", "val", "--limit", 2, "--run", run,
+        "--out-dir", root / "bench", "--name", "tiny", "--quiet",
+    )  # fmt: skip
+    assert "ratio_1scale" in out.output and "ratio_5scale" in out.output
+    res = json.loads((root / "bench" / "tiny.json").read_text())
+    for key in ("ratio_1scale", "ratio_5scale", "spp_1scale_seconds_per_image", "device"):
+        assert key in res
+    assert res["device"] == "cpu" and res["images"] == 2
+    rcnn, spp1 = res["methods"]["rcnn"], res["methods"]["spp_1scale"]
+    assert rcnn["stages"]["warp"] > 0 and spp1["stages"]["warp"] == 0
+    assert res["ratio_1scale"] == pytest.approx(
+        rcnn["seconds_per_image"] / spp1["seconds_per_image"]
+    )
+    assert (root / "bench" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(cli, ["bench", "--devkit", str(data), "--run", str(run),
+                                   "--methods", "fast"])  # fmt: skip
+    assert bad.exit_code != 0 and "unknown methods" in bad.output
+
+
+def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path):
+    """extract --mode rcnn caches no maps; train / eval / detect run on warped windows; a run
+    of one mode is refused under the other."""
+    data, cfg = trained["data"], trained["cfg"]
+    run = tmp_path / "rcnn"
+    out = invoke(
+        "extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg,
+        "--mode", "rcnn", "--limit", 4,
+    )  # fmt: skip
+    assert "0 maps computed" in out.output and not (run / "features").exists()
+    invoke("train", run, "--quiet", "--mode", "rcnn")
+    assert (run / "svm_fc7" / "svm.npz").is_file()
+    j = tmp_path / "eval.json"
+    invoke("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val",
+           "--limit", 3, "--json", j)  # fmt: skip
+    assert 0.0 <= json.loads(j.read_text())["map"] <= 1.0
+    bad = CliRunner().invoke(cli, ["train", str(trained["run"]), "--mode", "rcnn"])
+    assert bad.exit_code != 0 and "'spp' run" in bad.output

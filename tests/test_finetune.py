@@ -19,7 +19,7 @@ import torch
 import sppdet.finetune as ft
 from sppdet.backbones import BackboneSpec
 from sppdet.datasets import ImageRecord
-from sppdet.features import ScaleMap, SPPConfig
+from sppdet.features import MapProvider, ScaleMap, SPPConfig
 from sppdet.finetune import LAYERS, FCHead, FinetuneConfig, finetune, load_head
 
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=0.0, tap="test", torchvision_model=None)
@@ -90,6 +90,9 @@ class FakeProvider:
             device=torch.device("cpu"), spec=SPEC, config=SimpleNamespace(scales=scales)
         )
         self.calls = 0
+        self.spp = SPP
+
+    pool5 = MapProvider.pool5  # the real window pooling over these maps
 
     def maps(self, image_id, size, load_image, *, flip=False, scales=None):
         self.calls += 1

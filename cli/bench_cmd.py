@@ -1,0 +1,50 @@
+"""``sppdet bench``: SPP 1-scale / 5-scale vs R-CNN mode, timed side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sppdet_cli.fast_options import fast_options, fast_test
+
+_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.command("bench")
+@click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
+@click.option("--split", default="val", show_default=True, help="Split whose images are timed.")
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--run", "run_dir", type=_DIR, required=True, help="A trained run.")
+@click.option(
+    "--methods",
+    default="spp_1scale,spp_5scale,rcnn",
+    show_default=True,
+    help="Comma-separated subset of spp_1scale, spp_5scale, rcnn.",
+)
+@click.option("--name", help="Output name: benchmarks/<name>.json (default bench_<device>).")
+@click.option(
+    "--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks"), show_default=True
+)
+@click.option("--device", help="auto | cpu | cuda[:N] (default: the run's).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@fast_options
+def command(devkit, split, limit, run_dir, methods, name, out_dir, device, quiet, **speed):
+    """Seconds per image of every stage for SPP-net and R-CNN on the same images and proposals."""
+    import dataclasses
+
+    from sppdet.bench import METHODS, bench, format_bench, write_bench
+    from sppdet.run import Run
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    run = Run.open(run_dir).with_test(**fast_test(speed))
+    if device is not None:
+        run = Run(run.root, dataclasses.replace(run.config, device=device))
+    result = bench(run, split, devkit=str(devkit), limit=limit, methods=chosen, progress=not quiet)
+    name = name or f"bench_{run.device.type}"
+    json_path, png_path = write_bench(result, out_dir, name)
+    click.echo(format_bench(result))
+    click.echo(f"-> {json_path}, {png_path}")

@@ -1,0 +1,38 @@
+"""Test-time speed options shared by ``detect``, ``eval`` and ``bench`` (issue 7)."""
+
+from __future__ import annotations
+
+import click
+
+from sppdet.fastpath import FC_DTYPES
+
+_OPTIONS = [
+    click.option("--svd-fc6", type=click.IntRange(min=0), help="Rank of fc6's truncated SVD."),
+    click.option("--svd-fc7", type=click.IntRange(min=0), help="Rank of fc7's truncated SVD."),
+    click.option("--fc-dtype", type=click.Choice(FC_DTYPES), help="fc stage autocast dtype."),
+    click.option("--no-dedup", is_flag=True, help="Pool windows sharing map cells separately."),
+    click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads."),
+]
+
+
+def fast_options(func):
+    """Decorate a command with the speed options (see :func:`fast_test`)."""
+    for option in reversed(_OPTIONS):
+        func = option(func)
+    return func
+
+
+def fast_test(kwargs: dict) -> dict:
+    """Pop the speed options from a command's ``kwargs``; set threads; return test overrides."""
+    threads = kwargs.pop("threads", None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    out = {
+        "svd_fc6": kwargs.pop("svd_fc6", None),
+        "svd_fc7": kwargs.pop("svd_fc7", None),
+        "fc_dtype": kwargs.pop("fc_dtype", None),
+        "dedup": False if kwargs.pop("no_dedup", False) else None,
+    }
+    return {k: v for k, v in out.items() if v is not None}

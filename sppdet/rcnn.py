@@ -1,0 +1,189 @@
+"""R-CNN mode: the baseline SPP-net replaces (Girshick et al. 2014; SPEC section 10).
+
+Every window is cropped from the image with R-CNN's context padding, warped to the backbone's
+input size and run through the SAME frozen conv layers; its map is pooled with the SAME pyramid
+(the whole warped map is the window) and fed to the same fc / SVM / box-regression stages. So
+the two modes differ only in where the conv layers run: once per image (SPP) or once per window
+(R-CNN), which is the comparison of the paper's table 10.
+
+The crop follows ``rcnn_im_crop.m`` ("warp", ``padding = 16``): the box is dilated about its
+centre so that, once warped to ``S x S``, it is surrounded by ``padding`` pixels of context, and
+the part of the dilated box outside the image is filled with the mean colour (zero after mean
+subtraction). Warping is bilinear without antialiasing, as ``imresize(..., 'antialiasing',
+false)`` there; here it is :func:`torchvision.ops.roi_align` on the normalised image (one
+sample per output pixel, zero outside the image), which warps a whole batch of windows at once.
+
+Shape shorthand: ``N`` windows, ``S`` warped size, ``C`` channels, ``D = C * B`` SPP dims.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from sppdet.backbones import BackboneSpec, normalize
+from sppdet.errors import SppdetError
+from sppdet.features import FeatureExtractor, SPPConfig, flip_boxes
+from sppdet.spp import SpatialPyramidPool
+
+#: R-CNN's context padding in warped pixels (``rcnn_extract_regions``: padding = 16).
+CONTEXT_PADDING = 16
+
+
+def context_boxes(boxes: np.ndarray, size: int, padding: int = CONTEXT_PADDING) -> np.ndarray:
+    """Dilate internal xyxy ``Array[N, 4]`` boxes so ``padding`` of ``size`` warped pixels are
+    context on each side: half-sizes grow by ``size / (size - 2 * padding)`` about the centre.
+
+    Returns ``Array[N, 4]`` float32 (may extend past the image; :func:`warp_windows` fills the
+    outside with the mean colour).
+    """
+    if not 0 <= 2 * padding < size:
+        raise ValueError(f"context padding {padding} does not fit a {size}-pixel warp")
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scale = size / (size - 2.0 * padding)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    hw, hh = (b[:, 2] - b[:, 0]) / 2 * scale, (b[:, 3] - b[:, 1]) / 2 * scale
+    return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+
+
+def warp_windows(image: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Bilinear warp of each window of ``image`` to ``size x size`` (R-CNN's "warp" crop).
+
+    Args:
+        image: ``Tensor[1, 3, H, W]`` normalised float image (zero = mean colour).
+        boxes: ``Tensor[N, 4]`` internal xyxy (continuous pixel edges), any extent.
+
+    Returns:
+        ``Tensor[N, 3, size, size]``; output pixel ``(i, j)`` samples the window at the centre of
+        its ``1 / size`` cell, and samples beyond the image border are zero.
+    """
+    rois = torch.cat([boxes.new_zeros((len(boxes), 1)), boxes], dim=1)
+    # aligned=True: continuous coordinates (pixel i spans [i, i + 1)), our box convention.
+    return roi_align(image, rois, (size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
+class RCNNFeaturizer:
+    """Pool5-equivalent vectors of windows by R-CNN's per-window conv passes.
+
+    Args:
+        net: the frozen conv trunk (the same module SPP mode runs once per image).
+        spec: its :class:`~sppdet.backbones.BackboneSpec` (``input_size`` is the warp size).
+        levels: SPP pyramid levels; the whole warped map is pooled, so the vector has the same
+            ``D = C * B`` dims (and layout) as an SPP vector and feeds the same fc head.
+        padding: context padding in warped pixels.
+        batch: windows per conv forward pass (bounds memory: ``batch * 3 * S * S`` floats).
+        size: warp size ``S``; 0 = ``spec.input_size``.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        spec: BackboneSpec,
+        levels: tuple[int, ...],
+        padding: int = CONTEXT_PADDING,
+        batch: int = 64,
+        size: int = 0,
+    ) -> None:
+        self.net, self.spec, self.padding, self.batch = net, spec, padding, batch
+        self.size = size or spec.input_size
+        context_boxes(np.zeros((0, 4)), self.size, padding)  # validates padding vs size
+        self.pool = SpatialPyramidPool(levels)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, device: torch.device) -> Tensor:
+        """``Tensor[N, D]`` float32 on ``device`` for uint8 ``[H, W, 3]`` RGB ``image``."""
+        return self.features(self.prepare(image, device), boxes)
+
+    def prepare(self, image: np.ndarray, device: torch.device) -> Tensor:
+        """The normalised ``Tensor[1, 3, H, W]`` image the windows are warped from."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
+        return normalize(x.unsqueeze(0), self.spec)
+
+    @torch.inference_mode()
+    def features(self, prepared: Tensor, boxes: np.ndarray, timings: dict | None = None) -> Tensor:
+        """Vectors of ``boxes`` (``Array[N, 4]`` internal xyxy) from a :meth:`prepare` d image.
+
+        ``timings``: if given, seconds spent warping (``"warp"``), in the conv layers
+        (``"conv"``) and pooling (``"spp"``) are added to it.
+        """
+        size = self.size
+        if len(boxes) == 0:
+            dim = self.spec.channels * sum(n * n for n in self.pool.levels)
+            return torch.zeros((0, dim), device=prepared.device)
+        padded = torch.from_numpy(context_boxes(boxes, size, self.padding)).to(prepared.device)
+        out = []
+        t = {"warp": 0.0, "conv": 0.0, "spp": 0.0}
+        for chunk in padded.split(self.batch):
+            t0 = time.perf_counter()
+            crops = warp_windows(prepared, chunk, size)
+            t1 = time.perf_counter()
+            fmap = self.net(crops).float()
+            _sync(prepared.device)
+            t2 = time.perf_counter()
+            out.append(self.pool(fmap))
+            _sync(prepared.device)
+            t3 = time.perf_counter()
+            t["warp"] += t1 - t0
+            t["conv"] += t2 - t1
+            t["spp"] += t3 - t2
+        if timings is not None:
+            for k, v in t.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return torch.cat(out)
+
+
+def rcnn_featurizer(extractor: FeatureExtractor, spp: SPPConfig) -> RCNNFeaturizer:
+    """The :class:`RCNNFeaturizer` of an extractor's net and R-CNN settings."""
+    c = extractor.config
+    return RCNNFeaturizer(
+        extractor.net,
+        extractor.spec,
+        tuple(spp.levels),
+        c.context_padding,
+        c.rcnn_batch,
+        c.rcnn_input,
+    )
+
+
+class RCNNProvider:
+    """R-CNN mode's counterpart of :class:`~sppdet.features.MapProvider` (same ``pool5``).
+
+    Nothing is cached: R-CNN's per-window features would be ~19 MB per image in fp16 with
+    MobileNetV2 (2,000 x 4,800 dims), 48 GB for VOC07 train, so they are recomputed when needed.
+    """
+
+    cache = None
+
+    def __init__(self, extractor: FeatureExtractor, spp: SPPConfig) -> None:
+        self.extractor, self.spp = extractor, spp
+        self.featurizer = rcnn_featurizer(extractor, spp)
+
+    def maps(self, *args, **kwargs):
+        raise SppdetError("R-CNN mode has no whole-image conv maps (features.mode is 'rcnn')")
+
+    def pool5(
+        self,
+        image_id: str,
+        size: tuple[int, int],
+        load_image,
+        boxes: np.ndarray,
+        *,
+        flip: bool = False,
+        scales: Sequence[int] | None = None,
+    ) -> Tensor:
+        """``Tensor[N, D]`` vectors of ``boxes`` of one image; ``scales`` is ignored (R-CNN
+        warps every window to one size)."""
+        image = load_image()
+        if flip:
+            image, boxes = image[:, ::-1], flip_boxes(boxes, size[1])
+        return self.featurizer(image, boxes, self.extractor.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

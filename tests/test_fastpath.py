@@ -1,0 +1,101 @@
+"""Tests of the fast test path: truncated SVD of the fc layers, folded input standardisation,
+fc autocast, window dedup, and the SPP kernel leaving torch's thread setting alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sppdet.backbones import backbone_spec
+from sppdet.errors import ConfigError
+from sppdet.fastpath import CompressedHead, fc_autocast, truncated_linear
+from sppdet.features import ScaleMap, SPPConfig, pool_windows, unique_windows
+from sppdet.finetune import FCHead
+from sppdet.spp import spp_pool
+
+
+@pytest.fixture(scope="module")
+def head() -> FCHead:
+    torch.manual_seed(0)
+    h = FCHead(40, 24, 3).eval()
+    h.fit_standardization(torch.rand(200, 40) * 3 + 1)
+    return h
+
+
+def test_full_rank_svd_reproduces_the_layer():
+    torch.manual_seed(1)
+    fc = nn.Linear(30, 20)
+    x = torch.randn(7, 30)
+    two = truncated_linear(fc, 20)
+    torch.testing.assert_close(two(x), fc(x), atol=1e-5, rtol=1e-5)
+    assert [m.weight.shape for m in two] == [(20, 30), (20, 20)]
+
+
+def test_svd_error_falls_with_rank_and_matches_the_eckart_young_bound():
+    torch.manual_seed(2)
+    fc = nn.Linear(50, 40, bias=False)
+    s = torch.linalg.svdvals(fc.weight.double()).detach()
+    errors = []
+    for r in (5, 10, 20, 40):
+        w = truncated_linear(fc, r)[1].weight.double() @ truncated_linear(fc, r)[0].weight.double()
+        err = torch.linalg.matrix_norm(fc.weight.double() - w, ord=2).detach()
+        # the best rank-r approximation's spectral error is the (r+1)-th singular value
+        expected = s[r] if r < len(s) else torch.tensor(0.0, dtype=torch.float64)
+        assert float(err) == pytest.approx(float(expected), abs=1e-5)
+        errors.append(float(err))
+    assert errors == sorted(errors, reverse=True)
+    with pytest.raises(ConfigError):
+        truncated_linear(fc, 0)
+
+
+def test_compressed_head_without_truncation_equals_the_head(head):
+    x = torch.rand(9, 40) * 3
+    fast = CompressedHead(head, 0, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), head(x), atol=1e-4, rtol=1e-4)
+        for layer in ("pool5", "fc6", "fc7"):
+            torch.testing.assert_close(
+                fast.embed(x, layer), head.embed(x, layer), atol=1e-4, rtol=1e-4
+            )
+        low = CompressedHead(head, 4, 4)
+        assert not torch.allclose(low(x), head(x), atol=1e-3)  # rank 4 of 24 does lose detail
+
+
+def test_fc_autocast_checks_the_dtype():
+    with fc_autocast(torch.device("cpu"), "bfloat16"):
+        y = nn.Linear(4, 4)(torch.rand(2, 4))
+    assert y.dtype == torch.bfloat16
+    with fc_autocast(torch.device("cpu"), "float32"):
+        assert nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
+    with pytest.raises(ConfigError, match="CUDA"):
+        fc_autocast(torch.device("cpu"), "float16")
+    with pytest.raises(ConfigError):
+        fc_autocast(torch.device("cpu"), "int8")
+
+
+def test_unique_windows_pool_the_same_vectors():
+    spec, spp = backbone_spec("zf5"), SPPConfig()
+    g = torch.Generator().manual_seed(3)
+    maps = [ScaleMap(torch.rand(8, 12, 15, generator=g), 1.0), ScaleMap(torch.rand(8, 6, 8), 0.5)]
+    rng = np.random.default_rng(4)
+    xy = rng.uniform(0, 150, size=(300, 2))
+    wh = rng.uniform(5, 100, size=(300, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, [240, 190])], axis=1).astype(np.float32)
+    first, inverse = unique_windows(maps, boxes, spec, spp)
+    assert len(first) < len(boxes)  # 300 random boxes on small maps share cells
+    every = pool_windows(maps, boxes, spec, spp)
+    distinct = pool_windows(maps, boxes[first], spec, spp)
+    torch.testing.assert_close(distinct[torch.from_numpy(inverse)], every, atol=0, rtol=0)
+
+
+def test_spp_kernel_keeps_the_callers_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fmap = torch.rand(4, 10, 10)
+        spp_pool(fmap, torch.tensor([[0, 0, 5, 5]] * 20), method="kernel")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

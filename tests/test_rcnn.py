@@ -1,0 +1,122 @@
+"""Tests of R-CNN mode (sppdet.rcnn): context padding, the batched warp against a naive float64
+bilinear reference, and per-window features against the SPP pooling of the warped map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sppdet.backbones import backbone_spec, build_backbone, normalize
+from sppdet.rcnn import RCNNFeaturizer, context_boxes, warp_windows
+from sppdet.spp import spp_pool
+
+
+def test_context_boxes_leave_padding_pixels_of_context_after_the_warp():
+    boxes = np.array([[10, 20, 110, 60], [0, 0, 7, 300]], dtype=np.float32)
+    size, pad = 224, 16
+    out = context_boxes(boxes, size, pad)
+    # centres are kept
+    np.testing.assert_allclose(out[:, [0, 1]] + out[:, [2, 3]], boxes[:, [0, 1]] + boxes[:, [2, 3]])
+    # the original box lands on warped pixels [pad, size - pad] on both axes
+    for axis in (0, 1):
+        lo, hi = out[:, axis], out[:, axis + 2]
+        scale = size / (hi - lo)
+        np.testing.assert_allclose((boxes[:, axis] - lo) * scale, pad, rtol=1e-5)
+        np.testing.assert_allclose((boxes[:, axis + 2] - lo) * scale, size - pad, rtol=1e-5)
+
+
+def test_context_boxes_reject_padding_that_does_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        context_boxes(np.zeros((1, 4)), 32, 16)
+
+
+def naive_warp(image: np.ndarray, box, size: int) -> np.ndarray:
+    """float64 bilinear sampling at the centre of each output cell, zero beyond the border.
+
+    ``image`` is ``[C, H, W]``; samples at ``x = x1 + (j + 0.5) * w / size - 0.5`` in pixel-centre
+    coordinates (pixel i's centre is i), clamped to the edge within one pixel of the border.
+    """
+    c, h, w = image.shape
+    x1, y1, x2, y2 = (float(v) for v in box)
+    out = np.zeros((c, size, size))
+    for i in range(size):
+        y = y1 + (i + 0.5) * (y2 - y1) / size - 0.5
+        for j in range(size):
+            x = x1 + (j + 0.5) * (x2 - x1) / size - 0.5
+            if y < -1 or y > h or x < -1 or x > w:
+                continue
+            yc, xc = min(max(y, 0.0), h - 1), min(max(x, 0.0), w - 1)
+            y0, x0 = int(np.floor(yc)), int(np.floor(xc))
+            y1_, x1_ = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            ly, lx = yc - y0, xc - x0
+            out[:, i, j] = (
+                image[:, y0, x0] * (1 - ly) * (1 - lx)
+                + image[:, y0, x1_] * (1 - ly) * lx
+                + image[:, y1_, x0] * ly * (1 - lx)
+                + image[:, y1_, x1_] * ly * lx
+            )
+    return out
+
+
+def test_warp_matches_a_naive_bilinear_reference_inside_and_outside_the_image():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 20, 30))
+    boxes = np.array(
+        [[2.0, 3.0, 17.5, 12.0], [5.0, 1.0, 9.0, 19.0], [-12.0, -6.0, 14.0, 10.0]], np.float32
+    )
+    got = warp_windows(
+        torch.from_numpy(image).float()[None], torch.from_numpy(boxes), size=12
+    ).numpy()
+    for k, box in enumerate(boxes):
+        np.testing.assert_allclose(got[k], naive_warp(image, box, 12), atol=1e-5)
+    # the part of the last window left of / above the image (beyond one pixel) is mean colour (0)
+    assert np.all(got[2][:, :2, :] == 0) and np.all(got[2][:, :, :4] == 0)
+
+
+@pytest.fixture(scope="module")
+def zf5():
+    torch.manual_seed(0)
+    return build_backbone("zf5", "random", seed=0), backbone_spec("zf5")
+
+
+def test_features_are_the_pyramid_of_each_warped_window(zf5):
+    net, spec = zf5
+    levels = (3, 2, 1)
+    feat = RCNNFeaturizer(net, spec, levels, padding=8, batch=2, size=64)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 40, 30], [30, 10, 69, 49], [0, 0, 70, 50]], np.float32)
+    got = feat(image, boxes, torch.device("cpu"))
+    assert got.shape == (3, spec.channels * 14)
+    x = normalize(torch.from_numpy(image).permute(2, 0, 1)[None], spec)
+    padded = torch.from_numpy(context_boxes(boxes, 64, 8))
+    with torch.inference_mode():
+        maps = net(warp_windows(x, padded, 64))
+    for k in range(3):
+        h, w = maps.shape[-2:]
+        whole = torch.tensor([[0, 0, w - 1, h - 1]])
+        ref = spp_pool(maps[k], whole, levels, method="loop")[0]
+        torch.testing.assert_close(got[k], ref)  # same layout as SPP vectors
+
+
+def test_features_do_not_depend_on_the_batch_size(zf5):
+    net, spec = zf5
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    boxes = rng.uniform(0, 20, size=(5, 2)).astype(np.float32)
+    boxes = np.concatenate([boxes, boxes + 15], axis=1)
+    a = RCNNFeaturizer(net, spec, (2, 1), padding=4, batch=1, size=32)
+    b = RCNNFeaturizer(net, spec, (2, 1), padding=4, batch=64, size=32)
+    dev = torch.device("cpu")
+    torch.testing.assert_close(a(image, boxes, dev), b(image, boxes, dev), atol=1e-5, rtol=1e-5)
+    assert b(image, boxes[:0], dev).shape == (0, spec.channels * 5)
+
+
+def test_timings_split_warp_conv_and_pooling(zf5):
+    net, spec = zf5
+    feat = RCNNFeaturizer(net, spec, (1,), padding=4, size=32)
+    image = np.zeros((30, 30, 3), np.uint8)
+    t: dict = {}
+    feat.features(feat.prepare(image, torch.device("cpu")), np.array([[0, 0, 9, 9]]), t)
+    assert set(t) == {"warp", "conv", "spp"} and all(v >= 0 for v in t.values())
