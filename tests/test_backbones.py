@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import urllib.error
 
 import pytest
@@ -254,3 +255,24 @@ def test_normalize():
     full = normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8), spec)
     expected = [(1 - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
     torch.testing.assert_close(full[0, :, 0, 0], torch.tensor(expected))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "zf5"])
+def test_optimized_trunk_computes_the_same_maps(name):
+    """BN folding + channels-last change only float rounding, never the function."""
+    from sppdet.backbones import optimize_for_inference
+
+    net = build_backbone(name, "random", seed=0)
+    with torch.no_grad():  # give the batch norms non-trivial statistics to fold
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 96)
+    fast = optimize_for_inference(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert all(not p.requires_grad for p in fast.parameters())
+    with torch.inference_mode():
+        ref = net(x)
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
