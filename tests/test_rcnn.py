@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sppdet.backbones import backbone_spec, build_backbone, normalize
-from sppdet.rcnn import RCNNFeaturizer, context_boxes, warp_windows
+from sppdet.backbones import backbone_spec, build_backbone
+from sppdet.rcnn import RCNNFeaturizer, context_boxes, warp_windows, warp_windows_cpu
 from sppdet.spp import spp_pool
 
 
@@ -74,6 +74,29 @@ def test_warp_matches_a_naive_bilinear_reference_inside_and_outside_the_image():
     assert np.all(got[2][:, :2, :] == 0) and np.all(got[2][:, :, :4] == 0)
 
 
+def test_cpu_warp_samples_where_roi_align_does():
+    """OpenCV on uint8 pixels (the CPU path) vs roi_align on floats (the GPU path): the same
+    bilinear sample points for whole-pixel windows inside the image; mean colour outside."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    boxes = np.array([[3, 4, 33, 30], [10, 0, 50, 40], [20, 5, 28, 17]], np.float32)
+    got = warp_windows_cpu(image, boxes, 16, (0, 0, 0)).astype(np.float64)
+    ref = warp_windows(
+        torch.from_numpy(image).permute(2, 0, 1)[None].double(),
+        torch.from_numpy(boxes).double(),
+        16,
+    )
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    # cv2 replicates the crop's edge pixels where roi_align reads the neighbours beyond it:
+    # compare away from the output border; uint8 rounding and cv2's fixed point allow ~1 level
+    np.testing.assert_allclose(got[:, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1.5)
+    # a window half outside the image: its left half is the fill colour
+    out = warp_windows_cpu(image, np.array([[-25.0, 0, 25, 40]]), 16, (7, 8, 9))
+    assert np.all(out[0, :, :8] == [7, 8, 9]) and not np.all(out[0, :, 8:] == [7, 8, 9])
+    # entirely outside: all fill
+    assert np.all(warp_windows_cpu(image, np.array([[60.0, 0, 80, 9]]), 8, (1, 2, 3)) == [1, 2, 3])
+
+
 @pytest.fixture(scope="module")
 def zf5():
     torch.manual_seed(0)
@@ -89,10 +112,10 @@ def test_features_are_the_pyramid_of_each_warped_window(zf5):
     boxes = np.array([[5, 5, 40, 30], [30, 10, 69, 49], [0, 0, 70, 50]], np.float32)
     got = feat(image, boxes, torch.device("cpu"))
     assert got.shape == (3, spec.channels * 14)
-    x = normalize(torch.from_numpy(image).permute(2, 0, 1)[None], spec)
-    padded = torch.from_numpy(context_boxes(boxes, 64, 8))
+    crops = feat._warp(feat.prepare(image, torch.device("cpu")), context_boxes(boxes, 64, 8))
+    assert crops.shape == (3, 3, 64, 64)
     with torch.inference_mode():
-        maps = net(warp_windows(x, padded, 64))
+        maps = net(crops)
     for k in range(3):
         h, w = maps.shape[-2:]
         whole = torch.tensor([[0, 0, w - 1, h - 1]])
