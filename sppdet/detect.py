@@ -212,8 +212,8 @@ class Detector:
         clock.lap("proposals")
         if len(boxes) == 0:
             return _empty(clock.times)
-        scores, regressed = self._score(pool, boxes, clock, {} if shared is None else shared)
-        dets = self._suppress(boxes, scores, regressed, (w, h), clock)
+        scores, regress = self._score(pool, boxes, clock, {} if shared is None else shared)
+        dets = self._suppress(boxes, scores, regress, (w, h), clock)
         dets.timings = {k: v for k, v in clock.times.items() if not k.startswith("_")}
         return dets
 
@@ -242,12 +242,10 @@ class Detector:
             )
             scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
             clock.lap("svm")
-        regressed = None
+        regress = None
         if cfg.bbox_reg and self.bbox is not None:
-            regressed = clock.shared(
-                shared, f"{key}/bbox", "bbox", lambda: self._regress(pool5, inverse, boxes)
-            )
-        return _expand(scores.float(), inverse), regressed
+            regress = lambda idx, labels: self._regress(pool5, inverse, boxes, idx, labels)  # noqa: E731
+        return _expand(scores.float(), inverse), regress
 
     def _fc(self, pool5: Tensor, layer: str) -> Tensor:
         """fc features (``layer`` fc6 or fc7) or class probabilities (``"softmax"``)."""
@@ -260,28 +258,38 @@ class Detector:
                     out.append(self.head.embed(chunk, layer).float())
         return torch.cat(out)
 
-    def _regress(self, pool5: Tensor, inverse: np.ndarray | None, boxes: np.ndarray) -> Tensor:
-        """``Tensor[N, K, 4]``: every window refined by every class's regressor."""
-        feats_np = (_expand(pool5, inverse) * self.bbox_scale).cpu().numpy()
-        return torch.as_tensor(
-            self.bbox.predict_all(feats_np, boxes), dtype=torch.float32, device=self.device
-        )
+    def _regress(self, pool5: Tensor, inverse, boxes: np.ndarray, idx: Tensor, labels: Tensor):
+        """``Tensor[M, 4]``: window ``idx[i]`` refined by the regressor of class ``labels[i]``.
 
-    def _suppress(self, boxes, scores: Tensor, regressed, size, clock: _Clock) -> Detections:
+        Only the candidates that survive the score threshold and the per-class top-k are
+        regressed (R-CNN regresses the scored windows), not every window for every class.
+        """
+        rows = idx.cpu().numpy()
+        if inverse is not None:
+            rows = inverse[rows]
+        feats = (pool5[torch.from_numpy(rows).to(pool5.device)] * self.bbox_scale).cpu().numpy()
+        out = self.bbox.predict(feats, boxes[idx.cpu().numpy()], labels.cpu().numpy())
+        return torch.as_tensor(out, dtype=torch.float32, device=self.device)
+
+    def _suppress(self, boxes, scores: Tensor, regress, size, clock: _Clock) -> Detections:
         cfg = self.config
         n, k = scores.shape
-        base = torch.as_tensor(boxes, device=self.device)
-        cand_boxes, cand_scores, cand_labels = [], [], []
+        cand_idx, cand_scores, cand_labels = [], [], []
         for c in range(k):
             s = scores[:, c]
             keep = torch.nonzero(s >= cfg.score_threshold).flatten()
             if len(keep) > cfg.pre_nms_top_k:
                 keep = keep[s[keep].topk(cfg.pre_nms_top_k).indices]
-            b = regressed[keep, c] if regressed is not None else base[keep]
-            cand_boxes.append(b)
+            cand_idx.append(keep)
             cand_scores.append(s[keep])
             cand_labels.append(torch.full((len(keep),), c, dtype=torch.long, device=self.device))
-        b, s, lab = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_labels)
+        idx, s, lab = torch.cat(cand_idx), torch.cat(cand_scores), torch.cat(cand_labels)
+        clock.lap("nms")
+        if regress is not None and len(idx):
+            b = regress(idx, lab)
+            clock.lap("bbox")
+        else:
+            b = torch.as_tensor(boxes, device=self.device)[idx]
         w, h = size
         b = torch.as_tensor(clip_boxes(b.cpu().numpy(), w, h), device=self.device)
         ok = torch.as_tensor(valid_boxes_mask(b.cpu().numpy()), device=self.device)

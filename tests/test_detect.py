@@ -76,10 +76,11 @@ class ShiftingRegressor:
         self.dx, self.dy = dx, dy
         self.features: list[np.ndarray] = []
 
-    def predict_all(self, features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         self.features.append(np.array(features))
+        assert len(features) == len(boxes) == len(labels)
         out = np.asarray(boxes, np.float32) + np.array([self.dx, self.dy, self.dx, self.dy])
-        return np.repeat(out[:, None, :], len(CLASSES), axis=1).astype(np.float32)
+        return out.astype(np.float32)
 
 
 def make_detector(extractor, head, svms=None, bbox=None, bbox_scale=1.0, **test) -> Detector:
@@ -231,9 +232,14 @@ def test_regressed_boxes_are_clipped_to_the_image(extractor, head, maps):
     out = det.detect_maps(maps, (H, W), props)
     assert as_rows(out) == [(0, 2.0, (30.0, 0.0, 70.0, 35.0)), (0, 1.0, (100.0, 35.0, 128.0, 75.0))]
     assert (out.boxes[:, [0, 2]] <= W).all() and (out.boxes[:, [1, 3]] <= H).all()
-    # the regressor sees pool5 vectors times bbox_scale
+    # the regressor sees pool5 vectors times bbox_scale, of the scored candidates only
     pool5 = pool_windows(maps, props, extractor.spec, SPP).numpy()
     np.testing.assert_allclose(reg.features[0], pool5 * 0.5, rtol=1e-6)
+    reg2 = ShiftingRegressor(dx=0.0, dy=0.0)
+    low = scores.copy()
+    low[1, 0] = -5.0  # below the score threshold: never regressed
+    make_detector(extractor, head, FixedSVM(low), bbox=reg2).detect_maps(maps, (H, W), props)
+    np.testing.assert_allclose(reg2.features[0], pool5[:1], rtol=1e-6)
 
 
 def test_bbox_reg_off_ignores_the_regressor(extractor, head, maps):
@@ -383,13 +389,13 @@ def test_shared_cache_gives_the_same_detections_and_computes_once(extractor, hea
         )
         for scorer in ("svm", "softmax")
     ]
-    assert len(reg.features) == 1  # boxes regressed once for both variants
+    assert len(reg.features) == 2  # each variant regresses its own candidates
     parts = sorted(k.split("/")[-1] for k in shared)  # pool5 key ends with its dedup flag
-    assert parts == ["False", "bbox", "fc7", "softmax"], shared.keys()
+    assert parts == ["False", "fc7", "softmax"], shared.keys()
     for a, t in zip(alone, together, strict=True):
         assert len(a.scores) > 0
         assert as_rows(a) == as_rows(t)
-    # the second variant is still charged for the SPP and box-regression work it reused
+    # the second variant is still charged for the SPP work it reused
     assert together[1].timings["spp"] > 0 and together[1].timings["bbox"] > 0
     assert "svm" not in together[1].timings
 
