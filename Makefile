@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench voc07 voc07-1scale voc07-5scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	bash scripts/bench.sh
+
+# mAP cost and speed of each test-time speed setting on VOC07 val (needs make voc07-1scale first).
+fast-path: $(STAMP)
+	$(BIN)/python scripts/fast_path.py --run runs/voc07_1s --devkit ../shared/data/VOCdevkit --split val --name fast_path_voc07_val
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
