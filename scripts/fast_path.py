@@ -46,12 +46,15 @@ def main() -> int:
         ablation_variants(run)["fc7_bb"], dedup=True, svd_fc6=0, svd_fc7=0, fc_dtype="float32"
     )
     variants = {"fc7_bb_exact": exact, **fast_variants(run)}
-    names = {f"{args.split}_{k}": v for k, v in variants.items()}
+    # RUN/eval/fastpath_<split>_<variant>/: apart from the ablation rows (<split>_<variant>)
+    # that scripts/voc07.py turns into results files.
+    prefix = f"fastpath_{args.split}_"
+    names = {prefix + k: v for k, v in variants.items()}
     results = evaluate_variants(run, args.split, names, devkit=args.devkit, limit=args.limit)
     rows = {}
     for name, (_, summary) in results.items():
         t = summary["seconds_per_image"]
-        rows[name.removeprefix(f"{args.split}_")] = {
+        rows[name.removeprefix(prefix)] = {
             "settings": {
                 k: getattr(names[name], k) for k in ("dedup", "svd_fc6", "svd_fc7", "fc_dtype")
             },
