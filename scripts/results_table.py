@@ -15,6 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+#: Stages of a bench row, in pipeline order (proposals are excluded from the ratios).
+BENCH_STAGES = ("warp", "conv", "spp", "fc", "svm", "bbox", "nms")
 
 #: Paper table 10 (VOC07 test, ZF-5, trained on VOC07 trainval): variant -> {scales: mAP}.
 PAPER = {
@@ -74,21 +77,57 @@ def caption(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_table(path: Path) -> str:
+    """Markdown table of one ``sppdet bench`` file: seconds per image by stage and the ratios."""
+    b = json.loads(path.read_text())
+    stages = list(BENCH_STAGES)
+    rows = [
+        "| method | " + " | ".join(stages) + " | total s/img | R-CNN / this |",
+        "|---|" + "---|" * (len(stages) + 2),
+    ]
+    rcnn = b["methods"].get("rcnn", {}).get("seconds_per_image")
+    for m, r in b["methods"].items():
+        cells = " | ".join(f"{r['stages'].get(s, 0.0):.3f}" for s in stages)
+        ratio = f"{rcnn / r['seconds_per_image']:.1f}x" if rcnn else ""
+        rows.append(f"| {m} | {cells} | **{r['seconds_per_image']:.3f}** | {ratio} |")
+    t = b["test_config"]
+    m = b["machine"]
+    rows += [
+        "",
+        f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`: {b['images']} "
+        f"{b['split']} images, {b['proposals_per_image']:.0f} proposals/image, device "
+        f"{b['device']}, {m['cpu_model']}, {m['threads']} threads, torch {m['torch']}; "
+        f"test path: dedup {t['dedup']}, fc6/fc7 SVD ranks {t['svd_fc6']}/{t['svd_fc7']}, fc "
+        f"{t['fc_dtype']}; peak RSS {b['peak_rss_gb']:.2f} GB; commit `{b['commit'][:10]}`; "
+        f"command `{b['command']}`.",
+    ]
+    return "\n".join(rows)
+
+
+def _replace(text: str, start: str, end: str, body: str, readme: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + f"{start}\n{body}\n{end}" + tail
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--results", type=Path, default=ROOT / "results")
+    p.add_argument("--bench", type=Path, help="A sppdet bench JSON for the speed table.")
     args = p.parse_args()
-    results = [json.loads(f.read_text()) for f in sorted(args.results.glob("voc07_*.json"))]
-    if not results:
-        raise SystemExit(f"no results/voc07_*.json in {args.results}")
     text = args.readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    body = f"{START}\n{caption(results)}\n\n{table(results)}\n{END}"
-    args.readme.write_text(head + body + tail)
+    results = [json.loads(f.read_text()) for f in sorted(args.results.glob("voc07_*.json"))]
+    if results:
+        body = f"{caption(results)}\n\n{table(results)}"
+        text = _replace(text, START, END, body, args.readme)
+    if args.bench is not None:
+        text = _replace(text, BENCH_START, BENCH_END, bench_table(args.bench), args.readme)
+    if not results and args.bench is None:
+        raise SystemExit(f"no results/voc07_*.json in {args.results} and no --bench file")
+    args.readme.write_text(text)
     print(f"updated {args.readme} from {len(results)} results files")
 
 
