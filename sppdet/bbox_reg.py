@@ -175,6 +175,19 @@ class BBoxRegressor:
         p = np.asarray(proposals, np.float32).reshape(-1, 1, 4)
         return decode(p, self.deltas_all(features)).astype(np.float32)
 
+    def predict_rows(
+        self, features: np.ndarray, rows: np.ndarray, proposals: np.ndarray, labels: np.ndarray
+    ) -> np.ndarray:
+        """Boxes ``Array[M, 4]`` (float32): proposal ``i`` regressed by class ``labels[i]`` from
+        feature row ``rows[i]`` of ``features`` ``Array[U, D]``.
+
+        Detection regresses a window for each class it is a candidate of; computing every
+        class's deltas once per distinct row (one ``[U, D] x [D, 4K]`` product) avoids gathering
+        a ``D``-dim row per (window, class) pair, which cost ~0.1 s per VOC image.
+        """
+        deltas = self.deltas_all(features)[np.asarray(rows), np.asarray(labels)]
+        return decode(np.asarray(proposals, np.float32), deltas).astype(np.float32)
+
     def predict(
         self, features: np.ndarray, proposals: np.ndarray, labels: np.ndarray
     ) -> np.ndarray:

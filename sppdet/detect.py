@@ -264,11 +264,13 @@ class Detector:
         Only the candidates that survive the score threshold and the per-class top-k are
         regressed (R-CNN regresses the scored windows), not every window for every class.
         """
-        rows = idx.cpu().numpy()
-        if inverse is not None:
-            rows = inverse[rows]
-        feats = (pool5[torch.from_numpy(rows).to(pool5.device)] * self.bbox_scale).cpu().numpy()
-        out = self.bbox.predict(feats, boxes[idx.cpu().numpy()], labels.cpu().numpy())
+        cand = idx.cpu().numpy()
+        rows = inverse[cand] if inverse is not None else cand
+        uniq, pos = np.unique(rows, return_inverse=True)
+        feats = pool5[torch.from_numpy(uniq).to(pool5.device)] * self.bbox_scale
+        out = self.bbox.predict_rows(
+            feats.cpu().numpy(), pos.reshape(-1), boxes[cand], labels.cpu().numpy()
+        )
         return torch.as_tensor(out, dtype=torch.float32, device=self.device)
 
     def _suppress(self, boxes, scores: Tensor, regress, size, clock: _Clock) -> Detections:

@@ -159,3 +159,26 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(back.predict_all(x, p[:5]), model.predict_all(x, p[:5]))
     with pytest.raises(DataError, match="missing.npz"):
         BBoxRegressor.load(tmp_path / "missing.npz")
+
+
+def test_predict_rows_equals_predict_on_gathered_rows():
+    rng = np.random.default_rng(5)
+    k, d = 3, 6
+    model = BBoxRegressor(
+        weights=rng.normal(size=(k, d, 4)).astype(np.float32) * 0.01,
+        bias=rng.normal(size=(k, 4)).astype(np.float32) * 0.01,
+        target_mean=np.zeros((k, 4), np.float32),
+        target_std=np.full((k, 4), 0.1, np.float32),
+        num_samples=np.full(k, 10, np.int64),
+    )
+    feats = rng.normal(size=(4, d)).astype(np.float32)
+    rows = np.array([0, 2, 2, 3, 1])
+    labels = np.array([0, 1, 2, 2, 0])
+    props = rng.uniform(0, 50, size=(5, 2)).astype(np.float32)
+    props = np.concatenate([props, props + 20], axis=1)
+    np.testing.assert_allclose(
+        model.predict_rows(feats, rows, props, labels),
+        model.predict(feats[rows], props, labels),
+        rtol=1e-5,
+        atol=1e-4,
+    )

@@ -76,9 +76,9 @@ class ShiftingRegressor:
         self.dx, self.dy = dx, dy
         self.features: list[np.ndarray] = []
 
-    def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def predict_rows(self, features, rows, boxes, labels) -> np.ndarray:
         self.features.append(np.array(features))
-        assert len(features) == len(boxes) == len(labels)
+        assert len(rows) == len(boxes) == len(labels) and rows.max() < len(features)
         out = np.asarray(boxes, np.float32) + np.array([self.dx, self.dy, self.dx, self.dy])
         return out.astype(np.float32)
 
