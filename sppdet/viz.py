@@ -194,6 +194,6 @@ def plot_stage_times(
     ax.set_xlim(0, left.max() * 1.2 if left.max() > 0 else 1)
     ax.set_xlabel("seconds per image")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncols=4, loc="lower right")
+    ax.legend(fontsize=7, ncols=4, loc="upper right")  # the short SPP bars leave it free
     ax.invert_yaxis()
     _save_figure(fig, path)
