@@ -123,6 +123,12 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
             "command": command,
             "config": cfg,
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in stages.items()},
+            # conv extraction time summed over every attempt, interrupted ones included
+            "extract_log": {
+                split: read_json(p)
+                for split in ("train", "val")
+                if (p := args.run / "features" / split / "extract_log.json").exists()
+            },
             "test_seconds_per_image": summary["seconds_per_image"],
             "peak_rss_gb": round(peak, 2),
             "machine": machine(),

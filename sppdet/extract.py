@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from tqdm import tqdm
 
 from sppdet.imageio import load_image
 from sppdet.run import Run
+from sppdet.storage import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
+
+#: ``RUN/features/<split>/extract_log.json``: conv seconds and images computed, over attempts.
+EXTRACT_LOG = "extract_log.json"
+LOG_EVERY = 25  # images between log updates
 
 
 def extract(
@@ -51,9 +57,24 @@ def extract(
             "all %d images of %s already cached in %s", len(dataset), split, provider.cache.root
         )
         return summary
+    log_path = provider.cache.root / EXTRACT_LOG
+    before = read_json(log_path) if log_path.exists() else {"seconds": 0.0, "images": 0}
+    attempts = before.get("attempts", 0) + 1
     t0 = time.perf_counter()
-    for rec in tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress):
+    for k, rec in enumerate(tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress)):
         provider.maps(rec.image_id, (rec.height, rec.width), lambda r=rec: load_image(r.path))
+        if (k + 1) % LOG_EVERY == 0 or k + 1 == len(todo):
+            # Cumulative over attempts, written as it goes: a killed extraction (end of a
+            # session) keeps the time it spent, so resumed runs can report the whole stage.
+            atomic_write_json(
+                log_path,
+                {
+                    "seconds": before["seconds"] + time.perf_counter() - t0,
+                    "images": before["images"] + k + 1,
+                    "attempts": attempts,
+                    "threads": torch.get_num_threads(),
+                },
+            )
     summary["computed"] = len(todo)
     summary["seconds"] = time.perf_counter() - t0
     summary["images_per_second"] = len(todo) / max(summary["seconds"], 1e-9)

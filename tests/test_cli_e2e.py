@@ -74,6 +74,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     assert "16 images (8 train / 8 val)" in out.output
     out = invoke("extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg)
     assert "extract train: 8 images" in out.output and "8 maps computed" in out.output
+    log = json.loads((run / "features" / "train" / "extract_log.json").read_text())
+    assert log["images"] == 8 and log["attempts"] == 1 and log["seconds"] > 0
     assert sorted(p.name for p in (run / "features" / "train" / "s64").iterdir()) == sorted(
         f"{i}.npy" for i in (data / "VOC2007/ImageSets/Main/train.txt").read_text().split()
     )
