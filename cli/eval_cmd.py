@@ -68,6 +68,8 @@ def command(
         raise click.UsageError("give the benchmark: --voc2007")
     if (detections is None) == (run_dir is None):
         raise click.UsageError("give exactly one of --detections DIR or --run RUN_DIR")
+    if fast_path and not (run_dir is not None and ablations):
+        raise click.UsageError("--fast-path needs --run and --ablations")
     if run_dir is not None:
         test = fast_test(speed)
         if ablations:
@@ -76,8 +78,6 @@ def command(
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
         _eval_run(run_dir, devkit, split, limit, test, name, json_out)
         return
-    if fast_path:
-        raise click.UsageError("--fast-path needs --run and --ablations")
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
     result = evaluate_comp4_dir(
