@@ -95,7 +95,8 @@ class Detector:
         spp: window mapping / pyramid config.
         head: fine-tuned :class:`~sppdet.finetune.FCHead` (``None`` only for pool5 SVMs).
         svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``).
-        bbox: box regressor with ``predict_all(features, boxes) -> [N, K, 4]`` or ``None``.
+        bbox: box regressor with ``predict_rows(features, rows, boxes, labels) -> [M, 4]``
+            (:meth:`~sppdet.bbox_reg.BBoxRegressor.predict_rows`) or ``None``.
         bbox_scale: factor applied to pool5 vectors before the regressor.
         classes: class names.
         propose: function ``image -> Array[N, 4]`` used when no proposals are given.
@@ -183,9 +184,10 @@ class Detector:
         """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``.
 
         ``shared``: a dict that several detectors of the same run (test-time variants such as
-        SVM vs softmax, with or without box regression) pass for the same image, so SPP vectors,
-        fc features and regressed boxes are computed once. Each variant's timings still include
-        the time the shared values took, as if it had run alone.
+        SVM vs softmax, with or without box regression) pass for the same image, so SPP vectors
+        and fc features are computed once (box regression depends on each variant's candidates).
+        Each variant's timings still include the time the shared values took, as if it had run
+        alone.
         """
         spec, spp = self.extractor.spec, self.spp
 

@@ -151,8 +151,9 @@ def evaluate_variants(
 ) -> dict[str, tuple[EvalResult, dict]]:
     """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
 
-    All variants share one pass over the images: the conv maps, SPP vectors, fc features and
-    regressed boxes of an image are computed once (each variant's timings still count them).
+    All variants share one pass over the images: the conv maps, SPP vectors and fc features of
+    an image are computed once (each variant's timings still count them); each variant regresses
+    its own scored candidates.
     Outputs go to ``RUN/eval/<name>/`` per variant. Conv maps come from the split's cache when
     feature caching is on (computed and stored otherwise); the conv timing is then the cache load
     time, so ``sppdet bench`` measures conv time separately.
