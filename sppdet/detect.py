@@ -20,7 +20,13 @@ from torchvision.ops import batched_nms
 
 from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
 from sppdet.fastpath import CompressedHead, fc_autocast
-from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig, pool_windows, unique_windows
+from sppdet.features import (
+    FeatureExtractor,
+    ScaleMap,
+    SPPConfig,
+    pool_distinct_windows,
+    pool_windows,
+)
 from sppdet.rcnn import rcnn_featurizer
 
 #: Timed stages; "warp" (cropping and warping windows) is R-CNN mode's only.
@@ -194,8 +200,7 @@ class Detector:
         def pool(boxes: np.ndarray) -> tuple[Tensor, np.ndarray | None]:
             if not self.config.dedup:
                 return pool_windows(maps, boxes, spec, spp), None
-            first, inverse = unique_windows(maps, boxes, spec, spp)
-            return pool_windows(maps, boxes[first], spec, spp), inverse
+            return pool_distinct_windows(maps, boxes, spec, spp)
 
         return self.detect_with(pool, size, proposals, shared)
 

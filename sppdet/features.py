@@ -289,10 +289,25 @@ def unique_windows(
         ``Array[N]`` the position in ``first`` of each window's group, so that
         ``pool_windows(maps, boxes)[i] == pool_windows(maps, boxes[first])[inverse[i]]``.
     """
-    which, cells = window_cells(maps, boxes, spec, spp)
+    return _distinct(*window_cells(maps, boxes, spec, spp))
+
+
+def _distinct(which: np.ndarray, cells: Tensor) -> tuple[np.ndarray, np.ndarray]:
     keys = np.concatenate([which[:, None], cells.numpy()], axis=1)
     _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+
+
+def pool_distinct_windows(
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+) -> tuple[Tensor, np.ndarray]:
+    """SPP vectors of the distinct windows only: ``(Tensor[U, D], inverse Array[N])`` with
+    ``pool_windows(maps, boxes) == out[inverse]`` (see :func:`unique_windows`); the windows are
+    mapped to cells once for both the grouping and the pooling."""
+    which, cells = window_cells(maps, boxes, spec, spp)
+    first, inverse = _distinct(which, cells)
+    sel = torch.from_numpy(first)
+    return _pool_cells(maps, which[first], cells[sel], spp), inverse
 
 
 def pool_windows(
@@ -310,13 +325,15 @@ def pool_windows(
     Returns:
         ``Tensor[N, C * B]`` float32 on the maps' device (``N = 0`` gives ``[0, D]``).
     """
+    return _pool_cells(maps, *window_cells(maps, boxes, spec, spp), spp)
+
+
+def _pool_cells(
+    maps: Sequence[ScaleMap], which: np.ndarray, cells: Tensor, spp: SPPConfig
+) -> Tensor:
+    """Pool each window's cells on its scale's map, one batched call per scale."""
     dev = maps[0].fmap.device
-    dim = spp_dim(maps[0].fmap.shape[0], spp.levels)
-    n = len(np.asarray(boxes).reshape(-1, 4))
-    out = torch.zeros((n, dim), device=dev)
-    if n == 0:
-        return out
-    which, cells = window_cells(maps, boxes, spec, spp)
+    out = torch.zeros((len(which), spp_dim(maps[0].fmap.shape[0], spp.levels)), device=dev)
     for k, m in enumerate(maps):
         idx = np.flatnonzero(which == k)
         if len(idx) == 0:

@@ -11,7 +11,13 @@ from torch import nn
 from sppdet.backbones import backbone_spec
 from sppdet.errors import ConfigError
 from sppdet.fastpath import CompressedHead, fc_autocast, truncated_linear
-from sppdet.features import ScaleMap, SPPConfig, pool_windows, unique_windows
+from sppdet.features import (
+    ScaleMap,
+    SPPConfig,
+    pool_distinct_windows,
+    pool_windows,
+    unique_windows,
+)
 from sppdet.finetune import FCHead
 from sppdet.spp import spp_pool
 
@@ -88,6 +94,9 @@ def test_unique_windows_pool_the_same_vectors():
     every = pool_windows(maps, boxes, spec, spp)
     distinct = pool_windows(maps, boxes[first], spec, spp)
     torch.testing.assert_close(distinct[torch.from_numpy(inverse)], every, atol=0, rtol=0)
+    pooled, inverse2 = pool_distinct_windows(maps, boxes, spec, spp)
+    np.testing.assert_array_equal(inverse2, inverse)
+    torch.testing.assert_close(pooled, distinct, atol=0, rtol=0)
 
 
 def test_spp_kernel_keeps_the_callers_thread_count():
