@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -148,23 +147,13 @@ def _count(path: Path) -> int | None:
 
 
 def machine() -> dict:
-    """CPU model, cores, torch version and device of this run."""
+    """The machine description of ``sppdet bench``, plus this run's device and script commit."""
     import torch
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from sppdet.bench import machine as bench_machine
+
     return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
+        **bench_machine(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "commit_of_results_script": git_commit(ROOT),
     }
