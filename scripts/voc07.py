@@ -2,10 +2,16 @@
 
 Runs, each as its own ``sppdet`` process (so its wall time and peak RSS are measured alone):
 
-1. ``extract`` of ``train`` and ``val`` (proposals imported, conv maps cached),
-2. ``train`` (fine-tune -> fc7 SVMs -> box regressors) and ``train-svm --layer pool5``,
+1. ``extract`` of ``train`` (proposals imported, conv maps cached),
+2. ``train`` (fine-tune -> fc7 SVMs -> box regressors), and beside it ``extract`` of ``val``
+   then ``train-svm --layer pool5``,
 3. ``eval --voc2007 --ablations`` on ``val``: pool5 SVM without fine-tuning, ft fc7 SVM,
    ft fc7 SVM + bbox regression, ft softmax (+ bbox), and random scores on the same proposals,
+
+With ``--lanes 2`` (the default) the two lanes of step 2 run at the same time, one torch thread
+each: much of fine-tuning and SVM mining is single-threaded Python and I/O, so on 2 cores two
+one-thread lanes keep both cores busier than one two-thread sequence. ``--lanes 1`` runs every
+stage in sequence with all threads. ``RUN/stages.json`` records each stage's threads.
 
 then writes ``results/<name>_<variant>.json`` per variant. Every stage is resumable (each sppdet
 stage skips finished work), and the stage timings of earlier invocations are kept in
@@ -24,6 +30,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,27 +52,78 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-train", type=int, help="First N train images only (quick runs).")
     p.add_argument("--limit-val", type=int, help="First N val images only (quick runs).")
     p.add_argument("--results", type=Path, default=ROOT / "results")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: train beside (extract val -> pool5 SVMs), one thread each; 1: all in sequence.",
+    )
     return p.parse_args()
 
 
-def run_stage(name: str, argv: list[str], stages: dict, path: Path) -> None:
-    """Run one sppdet command; record its wall seconds and peak RSS (GiB) under ``name``."""
+def run_stage(
+    name: str, argv: list[str], stages: dict, path: Path, *, threads: int | None = None
+) -> None:
+    """Run one sppdet command; record its wall seconds and peak RSS (GiB) under ``name``.
+
+    ``threads`` caps the child's torch/OpenMP threads (``OMP_NUM_THREADS``); None leaves the
+    default (all cores).
+    """
     print(f"\n== {name}: {shlex.join(argv)}", flush=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"stage {name} failed with exit code {code}")
-    prev = stages.get(name, {"seconds": 0.0, "peak_rss_gb": 0.0})
-    # ru_maxrss is in KiB on Linux. A resumed stage adds its time to the earlier attempts'.
-    stages[name] = {
-        "seconds": prev["seconds"] + seconds,
-        "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),
-        "command": shlex.join(argv),
-    }
-    atomic_write_json(path, stages)
+    with _STAGES_LOCK:
+        prev = stages.get(name, {"seconds": 0.0, "peak_rss_gb": 0.0})
+        # ru_maxrss is in KiB on Linux. A resumed stage adds its time to the earlier attempts'.
+        stages[name] = {
+            "seconds": prev["seconds"] + seconds,
+            "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),
+            "command": shlex.join(argv),
+            "threads": threads or "all",
+        }
+        atomic_write_json(path, stages)
+
+
+_STAGES_LOCK = threading.Lock()  # lanes finish stages concurrently; one writer at a time
+
+
+def run_lanes(lanes: list[list[tuple[str, list[str]]]], stages: dict, path: Path) -> None:
+    """Run each lane's stages in order, several lanes side by side with one thread each.
+
+    A single lane runs with all threads. After a failed stage the other lanes finish the stage
+    they are in (its work is kept for a rerun), start no new one, and the failure is raised.
+    """
+    if len(lanes) == 1:
+        for name, argv in lanes[0]:
+            run_stage(name, argv, stages, path)
+        return
+    errors: list[BaseException] = []
+
+    def lane(plan: list[tuple[str, list[str]]]) -> None:
+        try:
+            for name, argv in plan:
+                if errors:
+                    return
+                run_stage(name, argv, stages, path, threads=1)
+        except BaseException as e:  # a failed stage raises SystemExit
+            errors.append(e)
+
+    workers = [threading.Thread(target=lane, args=(plan,)) for plan in lanes]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
 
 
 def main() -> int:
@@ -77,20 +135,21 @@ def main() -> int:
     stages_path = args.run / "stages.json"
     stages = read_json(stages_path) if stages_path.exists() else {}
     ext = ["--devkit", devkit, "--out", run, "--config", str(args.config)]
-    plan = [
-        ("extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t]),
+    extract_train = ("extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t])
+    train = [("train", [sppdet, "train", run, "--quiet"])]
+    beside = [
         ("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v]),
-        ("train", [sppdet, "train", run, "--quiet"]),
         ("train_svm_pool5", [sppdet, "train-svm", run, "--layer", "pool5", "--quiet"]),
-        (
-            "eval",
-            [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
-             "--ablations", "--json", str(args.run / "ablations.json"), *lim_v],
-        ),
-    ]  # fmt: skip
+    ]
+    evaluate = (
+        "eval",
+        [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
+         "--ablations", "--json", str(args.run / "ablations.json"), *lim_v],
+    )  # fmt: skip
     args.run.mkdir(parents=True, exist_ok=True)
-    for name, argv in plan:
-        run_stage(name, argv, stages, stages_path)
+    run_stage(*extract_train, stages, stages_path)
+    run_lanes([train, beside] if args.lanes == 2 else [train + beside], stages, stages_path)
+    run_stage(*evaluate, stages, stages_path)
     write_results(args, stages)
     return 0
 
