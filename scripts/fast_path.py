@@ -39,13 +39,24 @@ def main() -> int:
     p.add_argument("--name", default="fast_path_voc07_val")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
     p.add_argument("--max-loss", type=float, default=0.3, help="mAP points a setting may lose.")
+    p.add_argument(
+        "--variants",
+        help="Comma-separated FAST_VARIANTS names to measure (default: all of them).",
+    )
     args = p.parse_args()
 
     run = Run.open(args.run)
     exact = dataclasses.replace(
         ablation_variants(run)["fc7_bb"], dedup=True, svd_fc6=0, svd_fc7=0, fc_dtype="float32"
     )
-    variants = {"fc7_bb_exact": exact, **fast_variants(run)}
+    fast = fast_variants(run)
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = sorted(set(wanted) - set(fast))
+        if unknown:
+            p.error(f"unknown --variants {unknown}; expected some of {sorted(fast)}")
+        fast = {k: fast[k] for k in wanted}
+    variants = {"fc7_bb_exact": exact, **fast}
     # RUN/eval/fastpath_<split>_<variant>/: apart from the ablation rows (<split>_<variant>)
     # that scripts/voc07.py turns into results files.
     prefix = f"fastpath_{args.split}_"

@@ -52,7 +52,8 @@ class TestConfig:
     # that map to the same cells have identical SPP vectors (exact; SPP mode only)
     svd_fc6: int = 0  # rank of fc6's truncated SVD (Fast R-CNN 3.1); 0 = exact fc6
     svd_fc7: int = 0  # rank of fc7's truncated SVD; 0 = exact fc7
-    fc_dtype: str = "float32"  # fc stage autocast: float32 | bfloat16 (CPU/CUDA) | float16 (CUDA)
+    fc_dtype: str = "float32"  # fc stage: float32 | bfloat16 autocast (CPU/CUDA) | float16
+    # autocast (CUDA) | int8 matmuls for fc6/fc7 (CPU; sppdet.fastpath.Int8Linear)
 
 
 @dataclass
@@ -131,8 +132,9 @@ class Detector:
         if config.scorer == "softmax" and head is None:
             raise ValueError("scorer 'softmax' needs a fine-tuned head")
         fc_autocast(self.device, config.fc_dtype)  # validates the dtype for this device
-        if head is not None and (config.svd_fc6 or config.svd_fc7):
-            self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7)
+        int8 = config.fc_dtype == "int8"
+        if head is not None and (config.svd_fc6 or config.svd_fc7 or int8):
+            self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7, int8=int8)
         self._fc_key = f"{config.svd_fc6}/{config.svd_fc7}/{config.fc_dtype}"
         self.rcnn = None
         if extractor.config.mode == "rcnn":

@@ -84,6 +84,7 @@ FAST_VARIANTS: dict[str, dict] = {
     "fc7_bb_svd256_64": {"svd_fc6": 256, "svd_fc7": 64},
     "fc7_bb_bf16": {"fc_dtype": "bfloat16"},
     "fc7_bb_svd512_128_bf16": {"svd_fc6": 512, "svd_fc7": 128, "fc_dtype": "bfloat16"},
+    "fc7_bb_int8": {"fc_dtype": "int8"},
 }
 
 

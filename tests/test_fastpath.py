@@ -1,5 +1,6 @@
 """Tests of the fast test path: truncated SVD of the fc layers, folded input standardisation,
-fc autocast, window dedup, and the SPP kernel leaving torch's thread setting alone."""
+int8 fc matmuls, fc autocast, window dedup, and the SPP kernel leaving torch's thread setting
+alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from sppdet.backbones import backbone_spec
 from sppdet.errors import ConfigError
-from sppdet.fastpath import CompressedHead, fc_autocast, truncated_linear
+from sppdet.fastpath import INT8_MAX, CompressedHead, Int8Linear, fc_autocast, truncated_linear
 from sppdet.features import (
     ScaleMap,
     SPPConfig,
@@ -77,8 +78,48 @@ def test_fc_autocast_checks_the_dtype():
         assert nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
     with pytest.raises(ConfigError, match="CUDA"):
         fc_autocast(torch.device("cpu"), "float16")
+    with fc_autocast(torch.device("cpu"), "int8"):  # int8 swaps layers, it does not autocast
+        assert nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
+    with pytest.raises(ConfigError, match="CPU only"):
+        fc_autocast(torch.device("cuda"), "int8")
     with pytest.raises(ConfigError):
-        fc_autocast(torch.device("cpu"), "int8")
+        fc_autocast(torch.device("cpu"), "int4")
+
+
+def _int8_reference(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Naive float64 model of Int8Linear: per-channel weight and per-row input quantization."""
+    w, x = fc.weight.detach().double(), x.double()
+    sw = w.abs().amax(1) / INT8_MAX
+    sx = x.abs().amax(1) / INT8_MAX
+    qw, qx = torch.round(w / sw[:, None]), torch.round(x / sx[:, None])
+    return (qx @ qw.T) * sx[:, None] * sw[None, :] + fc.bias.detach().double()
+
+
+def test_int8_linear_equals_its_float64_model_and_is_close_to_fp32():
+    torch.manual_seed(5)
+    fc = nn.Linear(300, 70)
+    x = torch.randn(33, 300) * torch.rand(33, 1) * 10  # rows of very different scales
+    x[0] = 0.0  # an all-zero row (zero scale) must give the bias, not NaN
+    y = Int8Linear(fc)(x)
+    assert y.dtype == torch.float32 and y.shape == (33, 70)
+    torch.testing.assert_close(y[1:].double(), _int8_reference(fc, x[1:]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y[0], fc.bias.detach())
+    exact = fc(x).detach().double()
+    rel = (y.double() - exact).norm(dim=1) / exact.norm(dim=1)
+    assert float(rel[1:].max()) < 0.02  # 8 bits on both factors: about 1 % per output
+    assert float(rel[1:].max()) > 1e-5  # and it does quantize (not a float passthrough)
+
+
+def test_int8_head_tracks_the_fp32_head(head):
+    x = torch.rand(64, 40) * 3
+    with torch.no_grad():
+        ref = head.embed(x, "fc7")
+        for ranks in ((0, 0), (40, 24)):  # int8 on the exact layers and on full-rank SVD factors
+            q = CompressedHead(head, *ranks, int8=True)
+            assert isinstance(q.fc7 if ranks[1] == 0 else q.fc7[0], Int8Linear)
+            got = q.embed(x, "fc7")
+            assert float((got - ref).norm() / ref.norm()) < 0.03
+            assert q(x).argmax(1).eq(head(x).argmax(1)).float().mean() > 0.9
 
 
 def test_unique_windows_pool_the_same_vectors():
