@@ -238,9 +238,9 @@ class Detector:
             inverse = None
             clock.lap("fc")
         elif cfg.scorer == "softmax":
-            scores = clock.shared(
-                shared, f"{fc_key}/softmax", "fc", lambda: self._fc(pool5, "softmax")
-            )
+            # fc7 is shared with the fc7 SVM variants: only the 21-way layer is the softmax's own
+            fc7 = clock.shared(shared, f"{fc_key}/fc7", "fc", lambda: self._fc(pool5, "fc7"))
+            scores = clock.shared(shared, f"{fc_key}/softmax", "fc", lambda: self._softmax(fc7))
         else:
             x = (
                 pool5  # pool5 SVMs score the SPP vectors themselves: no fc work to share
@@ -257,15 +257,19 @@ class Detector:
         return _expand(scores.float(), inverse), regress
 
     def _fc(self, pool5: Tensor, layer: str) -> Tensor:
-        """fc features (``layer`` fc6 or fc7) or class probabilities (``"softmax"``)."""
+        """``Tensor[U, H]`` fc features (``layer`` fc6 or fc7) of the pool5 rows."""
         out = []
         with fc_autocast(self.device, self.config.fc_dtype):
             for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
-                if layer == "softmax":
-                    out.append(torch.softmax(self.head(chunk).float(), dim=1)[:, 1:])
-                else:
-                    out.append(self.head.embed(chunk, layer).float())
+                out.append(self.head.embed(chunk, layer).float())
         return torch.cat(out)
+
+    def _softmax(self, fc7: Tensor) -> Tensor:
+        """``Tensor[U, K]`` class probabilities (background dropped) from fc7 features: the
+        head's forward pass in eval mode (dropout off), split so fc7 can be shared."""
+        with fc_autocast(self.device, self.config.fc_dtype):
+            logits = self.head.cls(fc7).float()
+        return torch.softmax(logits, dim=1)[:, 1:]
 
     def _regress(self, pool5: Tensor, inverse, boxes: np.ndarray, idx: Tensor, labels: Tensor):
         """``Tensor[M, 4]``: window ``idx[i]`` refined by the regressor of class ``labels[i]``.

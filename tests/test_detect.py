@@ -383,12 +383,18 @@ def test_shared_cache_gives_the_same_detections_and_computes_once(extractor, hea
         alone.append(det.detect_maps(maps, (H, W), props))
     reg = ShiftingRegressor(1.0, 2.0)
     shared: dict = {}
-    together = [
-        make_detector(extractor, head, svm, bbox=reg, scorer=scorer, **kw).detect_maps(
-            maps, (H, W), props, shared
-        )
-        for scorer in ("svm", "softmax")
-    ]
+    fc6_calls = []
+    hook = head.fc6.register_forward_hook(lambda *_: fc6_calls.append(1))
+    try:
+        together = [
+            make_detector(extractor, head, svm, bbox=reg, scorer=scorer, **kw).detect_maps(
+                maps, (H, W), props, shared
+            )
+            for scorer in ("svm", "softmax")
+        ]
+    finally:
+        hook.remove()
+    assert len(fc6_calls) == 1  # the softmax variant reuses the SVM variant's fc7 features
     assert len(reg.features) == 2  # each variant regresses its own candidates
     parts = sorted(k.split("/")[-1] for k in shared)  # pool5 key ends with its dedup flag
     assert parts == ["False", "fc7", "softmax"], shared.keys()
