@@ -51,7 +51,7 @@ def _detector(base: Detector, run: Run, features: dict) -> Detector:
     return Detector(
         extractor,
         base.spp,
-        base.head,
+        base.trained_head,  # not base.head: the test config's SVD / int8 are applied again
         base.svms,
         base.bbox,
         base.bbox_scale,

@@ -132,6 +132,7 @@ class Detector:
         if config.scorer == "softmax" and head is None:
             raise ValueError("scorer 'softmax' needs a fine-tuned head")
         fc_autocast(self.device, config.fc_dtype)  # validates the dtype for this device
+        self.trained_head = head  # as trained; ``head`` may become its compressed form
         int8 = config.fc_dtype == "int8"
         if head is not None and (config.svd_fc6 or config.svd_fc7 or int8):
             self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7, int8=int8)
