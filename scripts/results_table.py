@@ -59,7 +59,11 @@ def caption(results: list[dict]) -> str:
     r = results[0]
     stages = {}
     for res in results:
-        stages[len(res["scales"])] = (res["stage_seconds"], res["peak_rss_gb"])
+        stages[len(res["scales"])] = (
+            res["stage_seconds"],
+            res.get("stage_threads", {}),
+            res["peak_rss_gb"],
+        )
     lines = [
         f"Protocol: **{r['protocol']}** ({r['train_images']} train images, {r['val_images']} val "
         f"images, VOC07 11-point AP, difficult ignored); backbone **{r['backbone']}** "
@@ -71,8 +75,12 @@ def caption(results: list[dict]) -> str:
         "number. Reproduce with `make voc07` (command in each results file).",
         "",
     ]
-    for n, (st, rss) in sorted(stages.items()):
-        parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in st.items())
+    for n, (st, threads, rss) in sorted(stages.items()):
+        # a 1-thread stage ran beside another one (scripts/voc07.py --lanes 2)
+        parts = ", ".join(
+            f"{k} {v / 60:.0f} min{' (1 thread, in a lane)' if threads.get(k) == 1 else ''}"
+            for k, v in st.items()
+        )
         lines.append(f"- {n}-scale stage wall times (2 CPU cores): {parts}; peak RSS {rss} GiB.")
     return "\n".join(lines)
 

@@ -181,6 +181,8 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
             "command": command,
             "config": cfg,
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in stages.items()},
+            # 1 = ran in a lane beside another stage (--lanes 2); "all" = alone, every core
+            "stage_threads": {k: v.get("threads", "all") for k, v in stages.items()},
             # conv extraction time summed over every attempt, interrupted ones included
             "extract_log": {
                 split: read_json(p)
