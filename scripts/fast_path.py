@@ -16,13 +16,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from sppdet.bench import machine
-from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
+from sppdet.evaluate import evaluate_variants, fast_variants
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
 
@@ -46,17 +45,13 @@ def main() -> int:
     args = p.parse_args()
 
     run = Run.open(args.run)
-    exact = dataclasses.replace(
-        ablation_variants(run)["fc7_bb"], dedup=True, svd_fc6=0, svd_fc7=0, fc_dtype="float32"
-    )
-    fast = fast_variants(run)
+    variants = fast_variants(run)  # fc7_bb_exact, then one speed setting each
     if args.variants:
         wanted = args.variants.split(",")
-        unknown = sorted(set(wanted) - set(fast))
+        unknown = sorted(set(wanted) - set(variants))
         if unknown:
-            p.error(f"unknown --variants {unknown}; expected some of {sorted(fast)}")
-        fast = {k: fast[k] for k in wanted}
-    variants = {"fc7_bb_exact": exact, **fast}
+            p.error(f"unknown --variants {unknown}; expected some of {sorted(variants)}")
+        variants = {k: variants[k] for k in ["fc7_bb_exact", *wanted]}
     # RUN/eval/fastpath_<split>_<variant>/: apart from the ablation rows (<split>_<variant>)
     # that scripts/voc07.py turns into results files.
     prefix = f"fastpath_{args.split}_"

@@ -166,18 +166,20 @@ def test_second_train_is_a_no_op(trained, caplog):
 
 
 def test_eval_fast_path_variants_in_one_pass(trained):
-    """Dedup is exact: the same detections as without it; SVD / bf16 variants are evaluated."""
+    """Dedup is exact: the same detections as without it; SVD / bf16 / int8 variants are
+    evaluated, each one change to the exact float32 row (the run's default fc is int8)."""
     data, run, root = trained["data"], trained["run"], trained["root"]
     out_json = root / "fast.json"
     args = ("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val")
     invoke(*args, "--ablations", "--fast-path", "--json", out_json)
     res = json.loads(out_json.read_text())
-    assert {"val_fc7_bb", "val_fc7_bb_nodedup", "val_fc7_bb_svd512_128", "val_fc7_bb_bf16"} <= set(
-        res
-    )
-    assert res["val_fc7_bb_nodedup"] == res["val_fc7_bb"]
+    names = ("exact", "nodedup", "svd512_128", "bf16", "int8")
+    assert {"val_fc7_bb", *(f"val_fc7_bb_{n}" for n in names)} <= set(res)
+    assert res["val_fc7_bb_nodedup"] == res["val_fc7_bb_exact"]
+    # the run's default (auto -> int8 on this CPU) is the int8 variant, detection for detection
+    assert res["val_fc7_bb_int8"] == res["val_fc7_bb"]
     comp4 = "comp4_det_val_disc.txt"
-    exact = (run / "eval" / "val_fc7_bb" / comp4).read_text().split()
+    exact = (run / "eval" / "val_fc7_bb_exact" / comp4).read_text().split()
     nodedup = (run / "eval" / "val_fc7_bb_nodedup" / comp4).read_text().split()
     # same rows; scores equal up to float rounding (the fc matmul sees a different row count)
     assert len(exact) == len(nodedup) > 0
@@ -185,7 +187,8 @@ def test_eval_fast_path_variants_in_one_pass(trained):
         np.float64(exact).reshape(-1, 6), np.float64(nodedup).reshape(-1, 6), atol=1e-5
     )
     # hidden width 32 < rank 512: the "truncated" SVD keeps every singular value
-    assert res["val_fc7_bb_svd512_128"]["map"] == pytest.approx(res["val_fc7_bb"]["map"], abs=0.02)
+    full_rank = res["val_fc7_bb_svd512_128"]["map"]
+    assert full_rank == pytest.approx(res["val_fc7_bb_exact"]["map"], abs=0.02)
     bad = CliRunner().invoke(
         cli,
         [

@@ -17,6 +17,7 @@ import torch
 from sppdet.boxes import box_iou
 from sppdet.detect import SCORERS, STAGES, Detections, Detector
 from sppdet.detect import TestConfig as DetConfig  # not "Test*": pytest would collect it
+from sppdet.fastpath import CompressedHead
 from sppdet.features import FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig, pool_windows
 from sppdet.finetune import FCHead
 
@@ -85,8 +86,9 @@ class ShiftingRegressor:
 
 def make_detector(extractor, head, svms=None, bbox=None, bbox_scale=1.0, **test) -> Detector:
     # FixedSVM tables have one row per window: windows sharing map cells stay separate rows
-    # unless a test asks for dedup (tested on its own below).
-    cfg = DetConfig(**{"dedup": False, **test})
+    # unless a test asks for dedup (tested on its own below). The fc stage is the exact float32
+    # one, so fc features can be checked against the head (int8: tests/test_fastpath.py).
+    cfg = DetConfig(**{"dedup": False, "fc_dtype": "float32", **test})
     return Detector(extractor, SPP, head, svms, bbox, bbox_scale, CLASSES, cfg)
 
 
@@ -409,3 +411,11 @@ def test_shared_cache_gives_the_same_detections_and_computes_once(extractor, hea
 def test_test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DetConfig().nms_iou = 0.5  # type: ignore[misc]
+
+
+def test_default_fc_dtype_is_int8_on_the_cpu(extractor, head):
+    det = Detector(extractor, SPP, head, None, None, 1.0, CLASSES, DetConfig(scorer="softmax"))
+    assert det.config.fc_dtype == "int8"  # "auto" resolved for the device
+    assert isinstance(det.head, CompressedHead) and det.trained_head is head
+    exact = make_detector(extractor, head, None, scorer="softmax")
+    assert exact.config.fc_dtype == "float32" and exact.head is head

@@ -11,7 +11,14 @@ from torch import nn
 
 from sppdet.backbones import backbone_spec
 from sppdet.errors import ConfigError
-from sppdet.fastpath import INT8_MAX, CompressedHead, Int8Linear, fc_autocast, truncated_linear
+from sppdet.fastpath import (
+    INT8_MAX,
+    CompressedHead,
+    Int8Linear,
+    fc_autocast,
+    resolve_fc_dtype,
+    truncated_linear,
+)
 from sppdet.features import (
     ScaleMap,
     SPPConfig,
@@ -84,6 +91,14 @@ def test_fc_autocast_checks_the_dtype():
         fc_autocast(torch.device("cuda"), "int8")
     with pytest.raises(ConfigError):
         fc_autocast(torch.device("cpu"), "int4")
+
+
+def test_auto_fc_dtype_is_int8_on_cpu_and_float32_on_cuda():
+    assert resolve_fc_dtype("auto", torch.device("cpu")) == "int8"
+    assert resolve_fc_dtype("auto", torch.device("cuda")) == "float32"
+    assert resolve_fc_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    with fc_autocast(torch.device("cpu"), "auto"):
+        assert nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
 
 
 def _int8_reference(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
