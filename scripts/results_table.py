@@ -63,25 +63,28 @@ def caption(results: list[dict]) -> str:
             res["stage_seconds"],
             res.get("stage_threads", {}),
             res["peak_rss_gb"],
+            res["machine"],
         )
     lines = [
         f"Protocol: **{r['protocol']}** ({r['train_images']} train images, {r['val_images']} val "
         f"images, VOC07 11-point AP, difficult ignored); backbone **{r['backbone']}** "
         f"(`{r['weights']}`, sha256 `{(r['weights_sha256'] or '')[:12]}...`), conv layers frozen; "
-        f"proposals imported from `{r['config']['data']['proposals']}`; machine: "
-        f"{r['machine']['cpu_model']}, {r['machine']['cpu_count']} cores, "
-        f"device {r['machine']['device']}. The paper trains on VOC07 trainval (twice our "
+        f"proposals imported from `{r['config']['data']['proposals']}`; machines below. "
+        "The paper trains on VOC07 trainval (twice our "
         "images) and tests on VOC07 test with ZF-5: its column is the anchor, not a like-for-like "
         "number. Reproduce with `make voc07` (command in each results file).",
         "",
     ]
-    for n, (st, threads, rss) in sorted(stages.items()):
+    for n, (st, threads, rss, m) in sorted(stages.items()):
         # a 1-thread stage ran beside another one (scripts/voc07.py --lanes 2)
         parts = ", ".join(
             f"{k} {v / 60:.0f} min{' (1 thread, in a lane)' if threads.get(k) == 1 else ''}"
             for k, v in st.items()
         )
-        lines.append(f"- {n}-scale stage wall times (2 CPU cores): {parts}; peak RSS {rss} GiB.")
+        lines.append(
+            f"- {n}-scale stage wall times ({m['cpu_model']}, {m['cpu_count']} cores, device "
+            f"{m['device']}): {parts}; peak RSS of one stage {rss} GiB."
+        )
     return "\n".join(lines)
 
 
