@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
-from sppdet.fastpath import CompressedHead, fc_autocast, resolve_fc_dtype
+from sppdet.fastpath import CompressedHead, check_fc_dtype, fc_autocast
 from sppdet.features import (
     FeatureExtractor,
     ScaleMap,
@@ -124,7 +124,8 @@ class Detector:
         propose=None,
     ) -> None:
         # "auto" becomes the device's dtype here, so timings and JSON name what actually ran
-        config = replace(config, fc_dtype=resolve_fc_dtype(config.fc_dtype, extractor.device))
+        # (and checked against it: e.g. int8 on CUDA is a ConfigError)
+        config = replace(config, fc_dtype=check_fc_dtype(config.fc_dtype, extractor.device))
         self.extractor, self.spp, self.head, self.svms = extractor, spp, head, svms
         self.bbox, self.bbox_scale, self.classes, self.config = bbox, bbox_scale, classes, config
         self.propose = propose
@@ -135,7 +136,6 @@ class Detector:
             raise ValueError("scorer 'svm' needs trained SVMs")
         if config.scorer == "softmax" and head is None:
             raise ValueError("scorer 'softmax' needs a fine-tuned head")
-        fc_autocast(self.device, config.fc_dtype)  # validates the dtype for this device
         self.trained_head = head  # as trained; ``head`` may become its compressed form
         int8 = config.fc_dtype == "int8"
         if head is not None and (config.svd_fc6 or config.svd_fc7 or int8):

@@ -100,8 +100,7 @@ class CompressedHead(nn.Module):
         self.fc6 = truncated_linear(fc6, rank6) if rank6 else fc6
         self.fc7 = truncated_linear(head.fc7, rank7) if rank7 else _copy_linear(head.fc7)
         if int8:
-            if fc6.weight.device.type != "cpu":
-                raise ConfigError("fc dtype int8 is CPU only; use float16 or bfloat16 on CUDA")
+            check_fc_dtype("int8", fc6.weight.device)
             self.fc6, self.fc7 = _to_int8(self.fc6), _to_int8(self.fc7)
         self.cls = _copy_linear(head.cls)
         self.eval()
@@ -149,13 +148,10 @@ def resolve_fc_dtype(dtype: str, device: torch.device) -> str:
     return "int8" if device.type == "cpu" else "float32"
 
 
-def fc_autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast for the fc stage in ``dtype`` (``float32`` and ``int8`` = no autocast).
-
-    bfloat16 runs on CPUs through oneDNN (fast with AVX512-BF16 / AMX) and on CUDA; float16 is
-    CUDA only (AMP); int8 is CPU only and changes the layers, not the autocast
-    (:class:`CompressedHead`).
-    """
+def check_fc_dtype(dtype: str, device: torch.device) -> str:
+    """``dtype`` resolved for ``device`` (:func:`resolve_fc_dtype`), or a ConfigError if the
+    device cannot run it: bfloat16 runs on CPUs through oneDNN (fast with AVX512-BF16 / AMX)
+    and on CUDA; float16 is CUDA only (AMP); int8 is CPU only (:class:`Int8Linear`)."""
     dtype = resolve_fc_dtype(dtype, device)
     if dtype not in FC_DTYPES:
         raise ConfigError(f"unknown fc dtype {dtype!r}; expected one of {FC_DTYPES}")
@@ -163,6 +159,14 @@ def fc_autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextM
         raise ConfigError("fc dtype float16 needs CUDA; use bfloat16 on a CPU")
     if dtype == "int8" and device.type != "cpu":
         raise ConfigError("fc dtype int8 is CPU only; use float16 or bfloat16 on CUDA")
+    return dtype
+
+
+def fc_autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast for the fc stage in ``dtype`` (checked by :func:`check_fc_dtype`); ``float32``
+    and ``int8`` run without autocast (int8 changes the layers instead: :class:`CompressedHead`).
+    """
+    dtype = check_fc_dtype(dtype, device)
     if dtype in ("float32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
