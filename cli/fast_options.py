@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import click
 
-from sppdet.fastpath import FC_DTYPES
+from sppdet.fastpath import CONV_DTYPES, FC_DTYPES
 
 _OPTIONS = [
     click.option("--svd-fc6", type=click.IntRange(min=0), help="Rank of fc6's truncated SVD."),
     click.option("--svd-fc7", type=click.IntRange(min=0), help="Rank of fc7's truncated SVD."),
     click.option("--fc-dtype", type=click.Choice(FC_DTYPES), help="fc stage autocast dtype."),
+    click.option(
+        "--conv-dtype",
+        type=click.Choice(CONV_DTYPES),
+        help="Conv trunk autocast dtype (maps computed on the fly if not the run's).",
+    ),
     click.option("--no-dedup", is_flag=True, help="Pool windows sharing map cells separately."),
     click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads."),
 ]
@@ -33,6 +38,7 @@ def fast_test(kwargs: dict) -> dict:
         "svd_fc6": kwargs.pop("svd_fc6", None),
         "svd_fc7": kwargs.pop("svd_fc7", None),
         "fc_dtype": kwargs.pop("fc_dtype", None),
+        "conv_dtype": kwargs.pop("conv_dtype", None),  # Run.with_test: features.conv_dtype
         "dedup": False if kwargs.pop("no_dedup", False) else None,
     }
     return {k: v for k, v in out.items() if v is not None}

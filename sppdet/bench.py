@@ -125,6 +125,7 @@ def bench(
     out["device"] = describe_device(run.device)
     out["machine"] = machine()
     out["test_config"] = dataclasses.asdict(base.config)
+    out["conv_dtype"] = run.config.features.conv_dtype  # every method's conv trunk runs in it
     out["run"] = str(run.root)
     out["run_scales"] = list(run.config.features.scales)
     out["commit"] = git_commit()
@@ -183,6 +184,7 @@ def format_bench(result: dict) -> str:
     rows.append(
         f"{result['images']} images, {result['proposals_per_image']:.0f} proposals/image, "
         f"device {result['device']}, {result['machine']['threads']} threads, "
+        f"conv {result.get('conv_dtype', 'float32')}, fc {result['test_config']['fc_dtype']}, "
         f"peak RSS {result['peak_rss_gb']:.2f} GB"
     )
     return "\n".join(rows)

@@ -186,7 +186,10 @@ def evaluate_variants(
             _collect(per_class[name], rec.image_id, dets)
     wall = time.perf_counter() - t_start
     return {
-        name: _finish(run, ds, split, name, variants[name], per_class[name], times[name], wall)
+        # the detector's config: "auto" fc dtype resolved to what ran
+        name: _finish(
+            run, ds, split, name, detectors[name].config, per_class[name], times[name], wall
+        )
         for name in variants
     }
 
@@ -226,6 +229,8 @@ def _finish(run, ds, split, name, test: TestConfig, per_class, times, wall) -> t
         "scorer": test.scorer,
         "layer": test.layer,
         "bbox_reg": test.bbox_reg,
+        "fc_dtype": test.fc_dtype,
+        "conv_dtype": run.config.features.conv_dtype,
         "seconds_per_image": timing,
         "wall_seconds": wall,
         "commit": git_commit(),

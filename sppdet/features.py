@@ -27,6 +27,7 @@ from sppdet.backbones import (
     weights_id,
 )
 from sppdet.errors import CacheMismatchError, ConfigError
+from sppdet.fastpath import AutocastTrunk, check_conv_dtype
 from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
 from sppdet.storage import atomic_save_npy, check_manifest, versions
@@ -53,6 +54,9 @@ class FeatureConfig:
     # size (224; R-CNN's AlexNet used 227)
     fuse_bn: bool = True  # fold batch norms into convs at load (exact up to float rounding)
     channels_last: bool = True  # NHWC conv layout (faster oneDNN / cuDNN kernels); both modes
+    conv_dtype: str = "float32"  # conv trunk autocast: float32 | bfloat16 (CPU AVX512-BF16 /
+    # AMX, CUDA) | float16 (CUDA). A test-time speed setting (issue 7, `--conv-dtype`); training
+    # maps stay float32 so results do not depend on the machine's bf16 support
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class FeatureExtractor:
         self.net = optimize_for_inference(
             net, fuse_bn=config.fuse_bn, channels_last=config.channels_last
         )
+        if check_conv_dtype(config.conv_dtype, self.device) != "float32":
+            self.net = AutocastTrunk(self.net, self.device.type, config.conv_dtype)
 
     @property
     def dim(self) -> int:
@@ -130,8 +136,11 @@ class FeatureExtractor:
             if c.mode == "rcnn"
             else {}
         )
+        # absent at float32, so caches made before the setting existed stay valid
+        conv = {"conv_dtype": c.conv_dtype} if c.conv_dtype != "float32" else {}
         return {
             **rcnn,  # absent in SPP mode, so SPP caches made before R-CNN mode stay valid
+            **conv,
             "kind": "conv_feature_maps",
             "backbone": c.backbone,
             "weights": weights_id(c.weights, c.seed),

@@ -145,12 +145,21 @@ class Run:
             )
         return cls(root, merge(RunConfig(), load_yaml(path), str(path)))
 
-    def with_test(self, **changes: Any) -> Run:
-        """The same run with test-time settings changed (not written to disk)."""
+    def with_test(self, conv_dtype: str | None = None, **changes: Any) -> Run:
+        """The same run with test-time settings changed (not written to disk).
+
+        ``conv_dtype``: run the conv trunk in this dtype (``features.conv_dtype``). When it
+        differs from the run's, maps are computed on the fly: the run's cache holds maps of
+        its own dtype (and its manifest would refuse the others).
+        """
         test = dataclasses.replace(
             self.config.test, **{k: v for k, v in changes.items() if v is not None}
         )
-        return Run(self.root, dataclasses.replace(self.config, test=test))
+        config = dataclasses.replace(self.config, test=test)
+        if conv_dtype is not None and conv_dtype != config.features.conv_dtype:
+            features = dataclasses.replace(config.features, conv_dtype=conv_dtype, cache=False)
+            config = dataclasses.replace(config, features=features)
+        return Run(self.root, config)
 
     @cached_property
     def device(self):

@@ -228,11 +228,12 @@ def test_bench_times_spp_and_rcnn_side_by_side(trained):
     fast = invoke(
         "bench", "--devkit", data, "--split", "val", "--limit", 1, "--run", run,
         "--out-dir", root / "bench", "--name", "tiny_int8", "--quiet", "--fc-dtype", "int8",
-        "--svd-fc6", 16, "--methods", "spp_1scale",
+        "--svd-fc6", 16, "--methods", "spp_1scale,rcnn", "--conv-dtype", "bfloat16",
     )  # fmt: skip
     assert fast.exit_code == 0
     res = json.loads((root / "bench" / "tiny_int8.json").read_text())
     assert res["test_config"]["fc_dtype"] == "int8" and res["test_config"]["svd_fc6"] == 16
+    assert res["conv_dtype"] == "bfloat16" and "ratio_1scale" in res
     bad = CliRunner().invoke(cli, ["bench", "--devkit", str(data), "--run", str(run),
                                    "--methods", "fast"])  # fmt: skip
     assert bad.exit_code != 0 and "unknown methods" in bad.output

@@ -4,6 +4,8 @@ alone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,13 +15,17 @@ from sppdet.backbones import backbone_spec
 from sppdet.errors import ConfigError
 from sppdet.fastpath import (
     INT8_MAX,
+    AutocastTrunk,
     CompressedHead,
     Int8Linear,
+    check_conv_dtype,
     fc_autocast,
     resolve_fc_dtype,
     truncated_linear,
 )
 from sppdet.features import (
+    FeatureConfig,
+    FeatureExtractor,
     ScaleMap,
     SPPConfig,
     pool_distinct_windows,
@@ -164,3 +170,39 @@ def test_spp_kernel_keeps_the_callers_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_conv_dtype_is_checked_for_the_device():
+    assert check_conv_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    assert check_conv_dtype("float16", torch.device("cuda")) == "float16"
+    with pytest.raises(ConfigError, match="CUDA"):
+        check_conv_dtype("float16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="unknown conv dtype"):
+        check_conv_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CUDA"):
+        FeatureExtractor(FeatureConfig(backbone="zf5", scales=(64,), conv_dtype="float16"))
+
+
+def test_bf16_conv_trunk_runs_in_bf16_and_tracks_float32():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        y = AutocastTrunk(conv, "cpu", "bfloat16")(x)
+        ref = conv(x)
+    assert y.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits: ~0.4 % per rounding, a few roundings deep here
+    assert (y.float() - ref).abs().max() <= 0.03 * ref.abs().max()
+    assert not (y.float() == ref).all()  # it really ran in bf16
+
+
+def test_bf16_conv_maps_track_float32_and_are_fingerprinted():
+    img = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    base = FeatureConfig(backbone="zf5", scales=(64,), max_size=128)
+    fp32 = FeatureExtractor(base)
+    bf16 = FeatureExtractor(dataclasses.replace(base, conv_dtype="bfloat16"))
+    a, b = fp32.compute(img)[0].fmap, bf16.compute(img)[0].fmap
+    assert a.shape == b.shape and b.dtype == torch.float32
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    # float32 caches made before the setting existed keep their fingerprint
+    assert "conv_dtype" not in fp32.manifest()
+    assert bf16.manifest()["conv_dtype"] == "bfloat16"

@@ -46,3 +46,15 @@ def test_open_needs_a_run_directory_and_a_valid_config(tmp_path):
     (tmp_path / "config.yaml").write_text("features:\n  no_such_key: 1\n")
     with pytest.raises(ConfigError, match="no_such_key"):
         Run.open(tmp_path)
+
+
+def test_with_test_conv_dtype_computes_maps_on_the_fly(tmp_path):
+    run = Run.create(tmp_path / "r", build_config())
+    same = run.with_test(conv_dtype="float32", scorer="softmax")
+    assert same.config.features == run.config.features
+    assert same.config.test.scorer == "softmax"
+    bf16 = run.with_test(conv_dtype="bfloat16")
+    # the run's cache holds float32 maps: other dtypes are computed, never cached over them
+    assert bf16.config.features.conv_dtype == "bfloat16" and not bf16.config.features.cache
+    assert bf16.provider("val").cache is None
+    assert run.config.features.conv_dtype == "float32"  # the run itself is unchanged
