@@ -109,7 +109,8 @@ def bench_table(path: Path) -> str:
         f"{b['split']} images, {b['proposals_per_image']:.0f} proposals/image, device "
         f"{b['device']}, {m['cpu_model']}, {m['threads']} threads, torch {m['torch']}; "
         f"test path: dedup {t['dedup']}, fc6/fc7 SVD ranks {t['svd_fc6']}/{t['svd_fc7']}, fc "
-        f"{t['fc_dtype']}; peak RSS {b['peak_rss_gb']:.2f} GB; commit `{b['commit'][:10]}`; "
+        f"{t['fc_dtype']}, conv {b.get('conv_dtype', 'float32')}; peak RSS "
+        f"{b['peak_rss_gb']:.2f} GB; commit `{b['commit'][:10]}`; "
         f"command `{b['command']}`.",
     ]
     return "\n".join(rows)
@@ -127,7 +128,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--results", type=Path, default=ROOT / "results")
-    p.add_argument("--bench", type=Path, help="A sppdet bench JSON for the speed table.")
+    p.add_argument(
+        "--bench",
+        type=Path,
+        action="append",
+        help="A sppdet bench JSON for the speed tables (repeat for several, in order).",
+    )
     args = p.parse_args()
     text = args.readme.read_text()
     results = [json.loads(f.read_text()) for f in sorted(args.results.glob("voc07_*.json"))]
@@ -135,7 +141,8 @@ def main() -> None:
         body = f"{caption(results)}\n\n{table(results)}"
         text = _replace(text, START, END, body, args.readme)
     if args.bench is not None:
-        text = _replace(text, BENCH_START, BENCH_END, bench_table(args.bench), args.readme)
+        body = "\n\n".join(bench_table(b) for b in args.bench)
+        text = _replace(text, BENCH_START, BENCH_END, body, args.readme)
     if not results and args.bench is None:
         raise SystemExit(f"no results/voc07_*.json in {args.results} and no --bench file")
     args.readme.write_text(text)
