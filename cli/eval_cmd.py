@@ -59,10 +59,11 @@ def command(
     **speed,
 ):
     """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored)."""
+    from sppdet.comp4 import evaluate_comp4_dir
     from sppdet.datasets import load_voc
     from sppdet.storage import atomic_write_json
     from sppdet.viz import plot_pr_curves
-    from sppdet.voc_eval import evaluate_comp4_dir, format_ap_table
+    from sppdet.voc_eval import format_ap_table
 
     if not voc2007:  # the only benchmark so far; the flag keeps room for others
         raise click.UsageError("give the benchmark: --voc2007")

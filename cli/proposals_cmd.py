@@ -58,12 +58,11 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
     from sppdet.datasets import load_voc
     from sppdet.proposal_store import (
         ensure_proposals,
-        proposal_recall,
         read_stats,
         store_path,
-        write_recall_report,
     )
     from sppdet.proposals import ProposalConfig
+    from sppdet.recall import proposal_recall, write_recall_report
     from sppdet.storage import git_commit
 
     changes = {k: v for k, v in {"backend": backend, "mode": mode}.items() if v is not None}

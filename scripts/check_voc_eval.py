@@ -3,7 +3,7 @@
 Makes synthetic detections over a real VOC split (jittered ground truth at several noise levels,
 boxes with "+1" IoU exactly 0.5, exact and jittered duplicates, detections on difficult objects,
 confusions with other classes, random boxes, scores with many ties), writes them as comp4 files
-with ``sppdet.voc_eval.write_comp4``, runs the ``sppdet eval`` command in a subprocess, and
+with ``sppdet.comp4.write_comp4``, runs the ``sppdet eval`` command in a subprocess, and
 compares each class's AP (VOC2007 11-point and VOC2010 all-point) with a line-by-line Python port
 of the devkit's ``VOCevaldet.m`` / ``VOCap.m`` that parses the XML and comp4 files itself.
 Exits 1 if any class differs by more than ``--tol``.
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sppdet.comp4 import write_comp4
 from sppdet.datasets import VOC_CLASSES
 from sppdet.storage import atomic_write_json, git_commit
-from sppdet.voc_eval import Detections, write_comp4
+from sppdet.voc_eval import Detections
 
 # ------------------------------------------------- devkit port (independent of sppdet.voc_eval)
 

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sppdet.bbox_reg import BBoxRegressor
+from sppdet.comp4 import write_comp4
 from sppdet.detect import STAGES, Detector, TestConfig
 from sppdet.errors import SppdetError
 from sppdet.finetune import load_head
@@ -21,7 +22,7 @@ from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit, read_json
 from sppdet.train import load_svms
 from sppdet.viz import plot_pr_curves
-from sppdet.voc_eval import Detections, EvalResult, evaluate_detections, write_comp4
+from sppdet.voc_eval import Detections, EvalResult, evaluate_detections
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,12 @@ from sppdet.proposal_store import (
     ensure_proposals,
     import_proposals,
     load_proposal_set,
-    proposal_recall,
     read_stats,
     save_proposal_set,
     store_path,
-    write_recall_report,
 )
 from sppdet.proposals import ProposalConfig, propose
+from sppdet.recall import proposal_recall, write_recall_report
 
 CONFIG = ProposalConfig(mode="fast", ks=(100,), min_size=4)  # "fast" preset: ks unused
 

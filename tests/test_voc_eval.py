@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from sppdet.boxes import from_voc
+from sppdet.comp4 import read_comp4, write_comp4
 from sppdet.errors import DataError
 from sppdet.voc_eval import (
     VOC07_RECALL_THRESHOLDS,
@@ -19,9 +20,7 @@ from sppdet.voc_eval import (
     evaluate_class,
     evaluate_detections,
     format_ap_table,
-    read_comp4,
     voc_ap,
-    write_comp4,
 )
 from sppdet_cli.eval_cmd import command
 
