@@ -1,10 +1,10 @@
 """Measure the mAP cost and the speed of running the conv trunk in bf16 / fp16 (issue 7).
 
 For each ``--dtypes`` value the run's ``fc7_bb`` row (SVM on fine-tuned fc7 + box regression,
-float32 fc, dedup, no SVD: :data:`sppdet.evaluate.EXACT`) is evaluated on the same images with
-conv maps computed from pixels in that dtype (never read from the run's cache, so every dtype's
-conv seconds are measured the same way, and float32 is the reference). Only the conv trunk
-differs between the rows: the fc, SVM and box-regression stages are the run's own.
+dedup, no SVD, float32 fc unless ``--fc-dtype``: :data:`sppdet.evaluate.EXACT`) is evaluated on
+the same images with conv maps computed from pixels in that dtype (never read from the run's
+cache, so every dtype's conv seconds are measured the same way, and float32 is the reference).
+Only the conv trunk differs between the rows: the fc, SVM and box stages are the run's own.
 
 Writes ``benchmarks/<name>.json`` with, per dtype, mAP, its difference to float32 in points and
 the conv seconds per image (image load + resize + conv, over all the run's scales).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sppdet.bench import describe_device, machine
 from sppdet.evaluate import EXACT, ablation_variants, evaluate_run
-from sppdet.fastpath import CONV_DTYPES
+from sppdet.fastpath import CONV_DTYPES, FC_DTYPES
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
 
@@ -40,6 +40,12 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated conv dtypes.")
     p.add_argument("--device", help="auto | cpu | cuda[:N] (default: the run's).")
+    p.add_argument(
+        "--fc-dtype",
+        choices=FC_DTYPES,
+        default="float32",
+        help="fc stage dtype of every row (default float32, the exact path).",
+    )
     args = p.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = sorted(set(dtypes) - set(CONV_DTYPES))
@@ -52,7 +58,7 @@ def main() -> int:
     base = ablation_variants(run).get("fc7_bb")
     if base is None:
         p.error(f"{args.run} has no fc7 SVMs + box regressors to evaluate")
-    test = dataclasses.replace(base, **EXACT)
+    test = dataclasses.replace(base, **{**EXACT, "fc_dtype": args.fc_dtype})
     rows = {}
     for dtype in dtypes:
         features = dataclasses.replace(run.config.features, conv_dtype=dtype, cache=False)
