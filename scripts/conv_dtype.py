@@ -52,6 +52,7 @@ def main() -> int:
     if bad or "float32" not in dtypes:
         p.error(f"--dtypes must include float32 and only {CONV_DTYPES}; got {dtypes}")
 
+    commit = git_commit()  # at the start: the code that runs, even if HEAD moves meanwhile
     run = Run.open(args.run)
     if args.device:
         run = Run(run.root, dataclasses.replace(run.config, device=args.device))
@@ -85,7 +86,7 @@ def main() -> int:
         "dtypes": rows,
         "device": describe_device(run.device),
         "machine": machine(),
-        "commit": git_commit(),
+        "commit": commit,
         "command": shlex.join(["python", "scripts/conv_dtype.py", *sys.argv[1:]]),
     }
     path = args.out_dir / f"{args.name}.json"
