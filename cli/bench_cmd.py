@@ -40,9 +40,10 @@ def command(devkit, split, limit, run_dir, methods, name, out_dir, device, quiet
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown or not chosen:
         raise click.BadParameter(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    run = Run.open(run_dir).with_test(**fast_test(speed))
-    if device is not None:
+    run = Run.open(run_dir)
+    if device is not None:  # first: --conv-dtype auto resolves for the device that runs
         run = Run(run.root, dataclasses.replace(run.config, device=device))
+    run = run.with_test(**fast_test(speed))
     result = bench(run, split, devkit=str(devkit), limit=limit, methods=chosen, progress=not quiet)
     name = name or f"bench_{run.device.type}"
     json_path, png_path = write_bench(result, out_dir, name)

@@ -12,8 +12,9 @@ _OPTIONS = [
     click.option("--fc-dtype", type=click.Choice(FC_DTYPES), help="fc stage autocast dtype."),
     click.option(
         "--conv-dtype",
-        type=click.Choice(CONV_DTYPES),
-        help="Conv trunk autocast dtype (maps computed on the fly if not the run's).",
+        type=click.Choice(("auto", *CONV_DTYPES)),
+        help="Conv trunk autocast dtype (maps computed on the fly if not the run's); auto: "
+        "bfloat16 on a CPU with AVX512-BF16/AMX, else float32.",
     ),
     click.option("--no-dedup", is_flag=True, help="Pool windows sharing map cells separately."),
     click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads."),

@@ -28,6 +28,7 @@ from sppdet.datasets import Dataset, load_voc
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
+from sppdet.fastpath import resolve_conv_dtype
 from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapProvider, SPPConfig
 from sppdet.finetune import FinetuneConfig
 from sppdet.proposal_store import ProposalSet, ensure_proposals
@@ -148,10 +149,13 @@ class Run:
     def with_test(self, conv_dtype: str | None = None, **changes: Any) -> Run:
         """The same run with test-time settings changed (not written to disk).
 
-        ``conv_dtype``: run the conv trunk in this dtype (``features.conv_dtype``). When it
-        differs from the run's, maps are computed on the fly: the run's cache holds maps of
-        its own dtype (and its manifest would refuse the others).
+        ``conv_dtype``: run the conv trunk in this dtype (``features.conv_dtype``; ``auto``:
+        :func:`~sppdet.fastpath.resolve_conv_dtype` for the run's device). When it differs from
+        the run's, maps are computed on the fly: the run's cache holds maps of its own dtype
+        (and its manifest would refuse the others).
         """
+        if conv_dtype is not None:
+            conv_dtype = resolve_conv_dtype(conv_dtype, self.device)
         test = dataclasses.replace(
             self.config.test, **{k: v for k, v in changes.items() if v is not None}
         )

@@ -19,7 +19,9 @@ from sppdet.fastpath import (
     CompressedHead,
     Int8Linear,
     check_conv_dtype,
+    cpu_has_native_bf16,
     fc_autocast,
+    resolve_conv_dtype,
     resolve_fc_dtype,
     truncated_linear,
 )
@@ -206,3 +208,16 @@ def test_bf16_conv_maps_track_float32_and_are_fingerprinted():
     # float32 caches made before the setting existed keep their fingerprint
     assert "conv_dtype" not in fp32.manifest()
     assert bf16.manifest()["conv_dtype"] == "bfloat16"
+
+
+def test_auto_conv_dtype_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    import sppdet.fastpath as fp
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_conv_dtype("auto", cpu) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: True)
+    assert resolve_conv_dtype("auto", cpu) == "bfloat16"
+    assert resolve_conv_dtype("auto", cuda) == "float32"
+    assert resolve_conv_dtype("float16", cuda) == "float16"
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: False)
+    assert resolve_conv_dtype("auto", cpu) == "float32"

@@ -58,3 +58,14 @@ def test_with_test_conv_dtype_computes_maps_on_the_fly(tmp_path):
     assert bf16.config.features.conv_dtype == "bfloat16" and not bf16.config.features.cache
     assert bf16.provider("val").cache is None
     assert run.config.features.conv_dtype == "float32"  # the run itself is unchanged
+
+
+def test_with_test_auto_conv_dtype_resolves_for_the_device(tmp_path, monkeypatch):
+    import sppdet.fastpath as fp
+
+    run = Run.create(tmp_path / "r", dataclasses.replace(build_config(), device="cpu"))
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: True)
+    assert run.with_test(conv_dtype="auto").config.features.conv_dtype == "bfloat16"
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: False)
+    auto = run.with_test(conv_dtype="auto")
+    assert auto.config.features == run.config.features  # float32: the cache stays in use
