@@ -43,7 +43,7 @@ def command(devkit, split, limit, run_dir, methods, name, out_dir, device, quiet
     run = Run.open(run_dir)
     if device is not None:  # first: --conv-dtype auto resolves for the device that runs
         run = Run(run.root, dataclasses.replace(run.config, device=device))
-    run = run.with_test(**fast_test(speed))
+    run = run.with_test(**fast_test(speed, conv_default="auto"))
     result = bench(run, split, devkit=str(devkit), limit=limit, methods=chosen, progress=not quiet)
     name = name or f"bench_{run.device.type}"
     json_path, png_path = write_bench(result, out_dir, name)

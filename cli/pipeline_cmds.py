@@ -197,7 +197,7 @@ def detect_command(
     from sppdet.predict import detect_images
 
     open_run(run_dir, mode)
-    test = fast_test(kw)
+    test = fast_test(kw, conv_default="auto")
 
     results = detect_images(
         [Path(p) for p in images],

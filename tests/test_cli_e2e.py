@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -219,6 +220,10 @@ def test_bench_times_spp_and_rcnn_side_by_side(trained):
     for key in ("ratio_1scale", "ratio_5scale", "spp_1scale_seconds_per_image", "device"):
         assert key in res
     assert res["device"] == "cpu" and res["images"] == 2
+    # bench computes maps from pixels, so it defaults to --conv-dtype auto (bf16 where native)
+    from sppdet.fastpath import resolve_conv_dtype
+
+    assert res["conv_dtype"] == resolve_conv_dtype("auto", torch.device("cpu"))
     rcnn, spp1 = res["methods"]["rcnn"], res["methods"]["spp_1scale"]
     assert rcnn["stages"]["warp"] > 0 and spp1["stages"]["warp"] == 0
     assert res["ratio_1scale"] == pytest.approx(
