@@ -181,15 +181,23 @@ def versions() -> dict[str, str]:
     }
 
 
+#: ``git status`` pathspecs of what a recorded commit vouches for: the whole tree but outputs.
+_CODE_PATHS = (":(top)", ":(top,exclude)benchmarks", ":(top,exclude)results")
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """The current git commit of the source tree (with ``-dirty`` if modified), or ``unknown``."""
+    """The current git commit of the source tree (with ``-dirty`` if modified), or ``unknown``.
+
+    Changes under ``benchmarks/`` and ``results/`` do not count: they are the outputs of the
+    commands that record this (``make bench`` rewrites several files before its last command).
+    """
     where = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *_CODE_PATHS],
             cwd=where,
             capture_output=True,
             text=True,

@@ -202,3 +202,28 @@ def test_versions_and_git_commit(tmp_path):
     json.dumps(v)
     assert git_commit(tmp_path) == "unknown"  # not a git checkout
     assert isinstance(git_commit(), str)
+
+
+def test_git_commit_is_dirty_for_code_not_for_outputs(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "b.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path / "pkg")
+    assert len(clean) == 40 and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "b.json").write_text('{"ratio": 1}\n')
+    assert git_commit(tmp_path / "pkg") == clean  # an output changed: still the same code
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "pkg") == clean + "-dirty"
