@@ -44,6 +44,7 @@ def main() -> int:
     )
     args = p.parse_args()
 
+    commit = git_commit()  # at the start: the code that runs, even if HEAD moves meanwhile
     run = Run.open(args.run)
     variants = fast_variants(run)  # fc7_bb_exact, then one speed setting each
     if args.variants:
@@ -81,7 +82,7 @@ def main() -> int:
         "fastest_within_loss": best,
         "variants": rows,
         "machine": machine(),
-        "commit": git_commit(),
+        "commit": commit,
         "command": shlex.join(["python", "scripts/fast_path.py", *sys.argv[1:]]),
     }
     path = args.out_dir / f"{args.name}.json"
