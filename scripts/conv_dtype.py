@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
-from sppdet.bench import describe_device, machine
+from sppdet.bench import describe_device, provenance
 from sppdet.evaluate import EXACT, ablation_variants, evaluate_run
 from sppdet.fastpath import CONV_DTYPES, FC_DTYPES
 from sppdet.run import Run
@@ -85,9 +84,7 @@ def main() -> int:
         "test": {k: getattr(test, k) for k in ("scorer", "layer", "bbox_reg", *EXACT)},
         "dtypes": rows,
         "device": describe_device(run.device),
-        "machine": machine(),
-        "commit": commit,
-        "command": shlex.join(["python", "scripts/conv_dtype.py", *sys.argv[1:]]),
+        **provenance(["python", "scripts/conv_dtype.py"], commit),
     }
     path = args.out_dir / f"{args.name}.json"
     atomic_write_json(path, out)

@@ -16,11 +16,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from sppdet.bench import machine
+from sppdet.bench import provenance
 from sppdet.evaluate import evaluate_variants, fast_variants
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
@@ -81,9 +80,7 @@ def main() -> int:
         "max_loss_points": args.max_loss,
         "fastest_within_loss": best,
         "variants": rows,
-        "machine": machine(),
-        "commit": commit,
-        "command": shlex.join(["python", "scripts/fast_path.py", *sys.argv[1:]]),
+        **provenance(["python", "scripts/fast_path.py"], commit),
     }
     path = args.out_dir / f"{args.name}.json"
     atomic_write_json(path, out)

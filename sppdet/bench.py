@@ -123,13 +123,11 @@ def bench(
             out[key] = out["rcnn_seconds_per_image"] / out[f"{m}_seconds_per_image"]
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["device"] = describe_device(run.device)
-    out["machine"] = machine()
     out["test_config"] = dataclasses.asdict(base.config)
     out["conv_dtype"] = run.config.features.conv_dtype  # every method's conv trunk runs in it
     out["run"] = str(run.root)
     out["run_scales"] = list(run.config.features.scales)
-    out["commit"] = git_commit()
-    out["command"] = shlex.join(["sppdet", *sys.argv[1:]]) if sys.argv else None
+    out.update(provenance(["sppdet"]))
     return out
 
 
@@ -158,6 +156,16 @@ def machine() -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def provenance(program: list[str], commit: str | None = None) -> dict:
+    """``machine``, ``commit`` (``git_commit()`` now unless given, e.g. taken when a long job
+    started) and ``command`` (``program`` + this process's arguments) for a results JSON."""
+    return {
+        "machine": machine(),
+        "commit": git_commit() if commit is None else commit,
+        "command": shlex.join([*program, *sys.argv[1:]]) if sys.argv else None,
     }
 
 

@@ -157,11 +157,7 @@ def check_fc_dtype(dtype: str, device: torch.device) -> str:
     """``dtype`` resolved for ``device`` (:func:`resolve_fc_dtype`), or a ConfigError if the
     device cannot run it: bfloat16 runs on CPUs through oneDNN (fast with AVX512-BF16 / AMX)
     and on CUDA; float16 is CUDA only (AMP); int8 is CPU only (:class:`Int8Linear`)."""
-    dtype = resolve_fc_dtype(dtype, device)
-    if dtype not in FC_DTYPES:
-        raise ConfigError(f"unknown fc dtype {dtype!r}; expected one of {FC_DTYPES}")
-    if dtype == "float16" and device.type != "cuda":
-        raise ConfigError("fc dtype float16 needs CUDA; use bfloat16 on a CPU")
+    dtype = _check_dtype("fc", resolve_fc_dtype(dtype, device), FC_DTYPES, device)
     if dtype == "int8" and device.type != "cpu":
         raise ConfigError("fc dtype int8 is CPU only; use float16 or bfloat16 on CUDA")
     return dtype
@@ -202,10 +198,15 @@ def resolve_conv_dtype(dtype: str, device: torch.device) -> str:
 
 def check_conv_dtype(dtype: str, device: torch.device) -> str:
     """``dtype`` if the conv trunk can run in it on ``device``, else a ConfigError."""
-    if dtype not in CONV_DTYPES:
-        raise ConfigError(f"unknown conv dtype {dtype!r}; expected one of {CONV_DTYPES}")
+    return _check_dtype("conv", dtype, CONV_DTYPES, device)
+
+
+def _check_dtype(stage: str, dtype: str, allowed: tuple[str, ...], device: torch.device) -> str:
+    """``dtype`` if it is one of ``allowed`` and not float16 off CUDA (AMP is CUDA only)."""
+    if dtype not in allowed:
+        raise ConfigError(f"unknown {stage} dtype {dtype!r}; expected one of {allowed}")
     if dtype == "float16" and device.type != "cuda":
-        raise ConfigError("conv dtype float16 needs CUDA; use bfloat16 on a CPU")
+        raise ConfigError(f"{stage} dtype float16 needs CUDA; use bfloat16 on a CPU")
     return dtype
 
 
