@@ -1,0 +1,102 @@
+"""Does a rerun of a committed experiment reproduce its results? (issue 6's check, as code.)
+
+A committed result (``results/<name>_<variant>.json``, written by scripts/voc07.py) names the
+command, config and weights it came from. A reproduction reruns that command on a clean checkout
+and compares, variant by variant, the mAP it gets with the committed one. It only counts as a
+reproduction when the command, config and weights are the same; anything else is a different
+experiment, and :func:`compare_results` refuses it rather than report a difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sppdet.configutil import merge, to_dict
+from sppdet.errors import ConfigError, SppdetError
+from sppdet.run import RunConfig
+
+# Keys that must be equal for a rerun to be a reproduction of the committed result ("config" is
+# compared after both are merged onto today's defaults, see _config).
+SAME_EXPERIMENT_KEYS = ("protocol", "command", "config", "weights_sha256", "scales", "val_images")
+
+
+class NotAReproductionError(SppdetError):
+    """The rerun is not the committed experiment (different command, config or weights)."""
+
+
+def compare_results(
+    committed: Sequence[Mapping], rerun: Sequence[Mapping], tol_points: float = 0.5
+) -> dict:
+    """Compare each variant's mAP and per-class AP between committed results and a rerun.
+
+    Args:
+        committed: result dicts (``results/*.json``), one per variant, of one experiment.
+        rerun: the rerun's result dicts; every committed variant must be among them.
+        tol_points: largest |mAP difference| in points (0..100 scale) that still reproduces.
+
+    Returns:
+        ``{"reproduced": bool, "tol_points": ..., "variants": {variant: {...}}}`` where each
+        variant holds the committed and rerun mAP (points), their difference, the largest
+        per-class AP difference, and both runs' commits and machines.
+
+    Raises:
+        NotAReproductionError: a variant is missing from the rerun, or the two differ in any of
+            :data:`SAME_EXPERIMENT_KEYS`.
+    """
+    ran = {r["variant"]: r for r in rerun}
+    variants = {}
+    for c in sorted(committed, key=lambda r: r["variant"]):
+        name = c["variant"]
+        if name not in ran:
+            raise NotAReproductionError(f"variant {name!r} is committed; the rerun has none")
+        r = ran[name]
+        for key in SAME_EXPERIMENT_KEYS:
+            a, b = (_config(x, name) if key == "config" else x.get(key) for x in (c, r))
+            if a != b:
+                what = ", ".join(_differing(a, b, key)) if key == "config" else key
+                raise NotAReproductionError(f"{name}: {what} differ(s) from the committed run")
+        if set(c["ap"]) != set(r["ap"]):
+            raise NotAReproductionError(f"{name}: the two results score different classes")
+        diff = 100 * (r["map"] - c["map"])
+        variants[name] = {
+            "committed_map": round(100 * c["map"], 2),
+            "rerun_map": round(100 * r["map"], 2),
+            "diff_points": round(diff, 2),
+            "max_class_ap_diff_points": round(
+                max(abs(100 * (r["ap"][k] - c["ap"][k])) for k in c["ap"]), 2
+            ),
+            "reproduced": abs(diff) <= tol_points,
+            "committed_commit": c.get("commit"),
+            "rerun_commit": r.get("commit"),
+            "committed_machine": (c.get("machine") or {}).get("cpu_model"),
+            "rerun_machine": (r.get("machine") or {}).get("cpu_model"),
+        }
+    if not variants:
+        raise NotAReproductionError("no committed results to compare")
+    return {
+        "reproduced": all(v["reproduced"] for v in variants.values()),
+        "tol_points": tol_points,
+        "variants": variants,
+    }
+
+
+def _config(result: Mapping, name: str) -> dict[str, Any]:
+    """The result's run config merged onto today's defaults.
+
+    A config written before a knob existed lacks its key; merged onto the defaults it reads as
+    the default, which is what the older code did (e.g. ``features.conv_dtype: float32``). A key
+    today's code no longer knows means the experiment cannot be rerun as it was.
+    """
+    try:
+        return to_dict(merge(RunConfig(), result.get("config") or {}, f"{name} config"))
+    except ConfigError as e:
+        raise NotAReproductionError(str(e)) from e
+
+
+def _differing(a: Any, b: Any, where: str) -> list[str]:
+    """Dotted keys (with both values) where nested dicts ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differing(a.get(k), b.get(k), f"{where}.{k}")]
+    return [] if a == b else [f"{where} ({a!r} -> {b!r})"]

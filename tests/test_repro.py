@@ -1,0 +1,83 @@
+"""sppdet.repro: a rerun reproduces a committed result only when it is the same experiment."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sppdet.repro import NotAReproductionError, compare_results
+
+
+def result(variant: str, m: float, **extra) -> dict:
+    return {
+        "protocol": "VOC2007 train->val",
+        "variant": variant,
+        "command": "python scripts/voc07.py --config c.yaml",
+        "config": {"features": {"scales": [688]}},
+        "weights_sha256": "abc",
+        "scales": [688],
+        "val_images": 10,
+        "map": m,
+        "ap": {"cat": m + 0.01, "dog": m - 0.01},
+        "commit": "c1",
+        "machine": {"cpu_model": "AMD EPYC"},
+        **extra,
+    }
+
+
+def test_within_and_beyond_tolerance():
+    committed = [result("fc7", 0.40), result("pool5", 0.30)]
+    rerun = [result("fc7", 0.403, commit="c2"), result("pool5", 0.292, commit="c2")]
+    out = compare_results(committed, rerun, tol_points=0.5)
+    assert out["variants"]["fc7"]["diff_points"] == pytest.approx(0.3)
+    assert out["variants"]["fc7"]["reproduced"] is True
+    assert out["variants"]["pool5"]["diff_points"] == pytest.approx(-0.8)
+    assert out["variants"]["pool5"]["reproduced"] is False
+    assert out["reproduced"] is False
+    assert out["variants"]["fc7"]["rerun_commit"] == "c2"
+    assert compare_results(committed, rerun, tol_points=1.0)["reproduced"] is True
+
+
+def test_per_class_difference_reported():
+    rerun = result("fc7", 0.40)
+    rerun["ap"]["dog"] -= 0.05
+    out = compare_results([result("fc7", 0.40)], [rerun])
+    assert out["variants"]["fc7"]["max_class_ap_diff_points"] == pytest.approx(5.0)
+
+
+def test_config_key_added_later_with_its_default_is_the_same_experiment():
+    rerun = result("fc7", 0.40)
+    rerun["config"] = {"features": {"scales": [688], "conv_dtype": "float32"}}
+    assert compare_results([result("fc7", 0.40)], [rerun])["reproduced"] is True
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"command": "python scripts/voc07.py --config other.yaml"},
+        {"weights_sha256": "def"},
+        {"config": {"features": {"scales": [480]}}},
+        {"config": {"features": {"conv_dtype": "bfloat16"}}},
+        {"config": {"no_such_section": {}}},
+    ],
+)
+def test_different_experiment_is_refused(change):
+    rerun = copy.deepcopy(result("fc7", 0.40))
+    rerun.update(change)
+    with pytest.raises(NotAReproductionError):
+        compare_results([result("fc7", 0.40)], [rerun])
+
+
+def test_missing_variant_is_refused():
+    with pytest.raises(NotAReproductionError, match="pool5"):
+        compare_results([result("fc7", 0.4), result("pool5", 0.3)], [result("fc7", 0.4)])
+
+
+def test_refusal_names_the_differing_config_key():
+    rerun = result("fc7", 0.40)
+    rerun["config"] = {"features": {"scales": [480]}}
+    with pytest.raises(
+        NotAReproductionError, match=r"config\.features\.scales \(\[688\] -> \[480\]\)"
+    ):
+        compare_results([result("fc7", 0.40)], [rerun])
