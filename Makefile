@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale repro-1scale repro-5scale clean
 
 venv: $(STAMP)
 
@@ -49,3 +49,11 @@ voc07-1scale: $(STAMP)
 
 voc07-5scale: $(STAMP)
 	$(BIN)/python scripts/voc07.py --config configs/voc07_mnv2_5scale.yaml --run runs/voc07_5s --name voc07_mnv2_5scale
+
+# Rerun the committed experiment on a clean clone of HEAD (beside this checkout, see
+# scripts/repro.sh) and compare its mAP with results/*.json: results/reproductions/<name>.json.
+repro-1scale: $(STAMP)
+	bash scripts/repro.sh voc07_mnv2_1scale voc07-1scale
+
+repro-5scale: $(STAMP)
+	bash scripts/repro.sh voc07_mnv2_5scale voc07-5scale

@@ -39,7 +39,7 @@ def main() -> int:
         files = sorted(d.glob(f"{args.name}_*.json"))
         if not files:
             raise SystemExit(f"no {args.name}_*.json in {d}")
-        return [json.loads(f.read_text()) for f in files]
+        return [_read(f) for f in files]
 
     try:
         out = compare_results(load(args.committed), load(args.rerun), args.tol)
@@ -58,6 +58,13 @@ def main() -> int:
         atomic_write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0 if out["reproduced"] else 1
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a readable results JSON ({e})") from e
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def caption(results: list[dict]) -> str:
         f"proposals imported from `{r['config']['data']['proposals']}`; machines below. "
         "The paper trains on VOC07 trainval (twice our "
         "images) and tests on VOC07 test with ZF-5: its column is the anchor, not a like-for-like "
-        "number. Reproduce with `make voc07` (command in each results file).",
+        "number. Reproduce with `make voc07` (command in each results file); `make repro-1scale` "
+        "reruns the 1-scale one on a clean clone and compares (`scripts/repro.sh`).",
         "",
     ]
     for n, (st, threads, rss, m) in sorted(stages.items()):
@@ -86,6 +87,26 @@ def caption(results: list[dict]) -> str:
             f"{m['device']}): {parts}; peak RSS of one stage {rss} GiB."
         )
     return "\n".join(lines)
+
+
+def reproductions(folder: Path) -> list[str]:
+    """One line per ``results/reproductions/*.json`` (scripts/repro_check.py)."""
+    lines = []
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        v = r["variants"]
+        first = next(iter(v.values()))
+        diffs = ", ".join(f"{k} {x['diff_points']:+.2f}" for k, x in v.items())
+        worst = max(x["max_class_ap_diff_points"] for x in v.values())
+        lines.append(
+            f"- Reproduction of {r['name']}: a rerun at commit `{first['rerun_commit'][:10]}` "
+            f"({first['rerun_machine']}) against the committed results "
+            f"(`{first['committed_commit'][:10]}`, {first['committed_machine']}), mAP difference "
+            f"in points: {diffs}; largest per-class AP difference {worst:.2f}; within "
+            f"{r['tol_points']} points: {'yes' if r['reproduced'] else 'no'} "
+            f"(`results/reproductions/{path.name}`)."
+        )
+    return lines
 
 
 def bench_table(path: Path) -> str:
@@ -138,7 +159,8 @@ def main() -> None:
     text = args.readme.read_text()
     results = [json.loads(f.read_text()) for f in sorted(args.results.glob("voc07_*.json"))]
     if results:
-        body = f"{caption(results)}\n\n{table(results)}"
+        repro = reproductions(args.results / "reproductions")
+        body = "\n".join([caption(results), *repro]) + f"\n\n{table(results)}"
         text = _replace(text, START, END, body, args.readme)
     if args.bench is not None:
         body = "\n\n".join(bench_table(b) for b in args.bench)

@@ -44,6 +44,9 @@ def compare_results(
         NotAReproductionError: a variant is missing from the rerun, or the two differ in any of
             :data:`SAME_EXPERIMENT_KEYS`.
     """
+    for res in (*committed, *rerun):
+        if missing := [k for k in ("variant", "map", "ap") if k not in res]:
+            raise NotAReproductionError(f"a result lacks {', '.join(missing)}: not from voc07.py")
     ran = {r["variant"]: r for r in rerun}
     variants = {}
     for c in sorted(committed, key=lambda r: r["variant"]):

@@ -81,3 +81,10 @@ def test_refusal_names_the_differing_config_key():
         NotAReproductionError, match=r"config\.features\.scales \(\[688\] -> \[480\]\)"
     ):
         compare_results([result("fc7", 0.40)], [rerun])
+
+
+def test_result_without_map_is_refused():
+    broken = result("fc7", 0.40)
+    del broken["map"]
+    with pytest.raises(NotAReproductionError, match="lacks map"):
+        compare_results([result("fc7", 0.40)], [broken])
