@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline end-to-end demo: synthetic VOC-format data -> extract -> train -> eval -> detect.
-# Usage: scripts/demo.sh [OUT_DIR]   (make demo)
+# Usage: scripts/demo.sh [OUT_DIR]   (make demo; env DEVICE, DEMO_DATA: scripts/gpu_check.sh)
 set -euo pipefail
 OUT=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
@@ -9,9 +9,17 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
 
-"$BIN/sppdet" make-synthetic "$OUT/data" --images 160 --seed 0
+if [ -n "${DEMO_DATA:-}" ]; then
+    # Premade data and proposals (scripts/gpu_check.sh --prepare: its GPU machine cannot
+    # compute selective search, having no opencv-contrib).
+    cp -r "$DEMO_DATA/data" "$OUT/data"
+    mkdir -p "$OUT/run" && cp -r "$DEMO_DATA/run/proposals" "$OUT/run/"
+else
+    "$BIN/sppdet" make-synthetic "$OUT/data" --images 160 --seed 0
+fi
+# DEVICE (e.g. cuda) goes into the run's config, so every later stage runs there too.
 "$BIN/sppdet" extract --devkit "$OUT/data" --split train --out "$OUT/run" \
-    --config configs/demo.yaml
+    --config configs/demo.yaml ${DEVICE:+--device "$DEVICE"}
 "$BIN/sppdet" train "$OUT/run"
 "$BIN/sppdet" train-svm "$OUT/run" --layer pool5   # the paper's "pool5, no fine-tuning" row
 # All trained test-time variants in one pass; val_fc7_bb is the paper's full system and

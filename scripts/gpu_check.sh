@@ -16,10 +16,10 @@ PACK=bench_pack
 if [ "${1:-}" = "--prepare" ]; then
     set -e
     BIN=${BIN:-.venv/bin}
-    rm -rf "$PACK/synth" "$PACK/synth_run"
-    "$BIN/sppdet" make-synthetic "$PACK/synth" --images 160 --seed 0
+    rm -rf "$PACK/synth"
+    "$BIN/sppdet" make-synthetic "$PACK/synth/data" --images 160 --seed 0  # as scripts/demo.sh
     for split in train val; do  # default ProposalConfig = configs/demo.yaml's
-        "$BIN/sppdet" proposals --devkit "$PACK/synth" --split "$split" --out "$PACK/synth_run"
+        "$BIN/sppdet" proposals --devkit "$PACK/synth/data" --split "$split" --out "$PACK/synth/run"
     done
     du -sh "$PACK"
     exit 0
@@ -38,21 +38,12 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 SPPDET="$(dirname "$(command -v python3)")/sppdet"
 step "tests (those needing pycocotools / opencv-contrib / selectivesearch fail there: not ours)"
 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -15
-step "synthetic pipeline on $DEVICE: extract -> train -> eval -> detect"
-RUN=runs/gpu_synth
-rm -rf "$RUN" && mkdir -p "$RUN" && cp -r "$PACK/synth_run/proposals" "$RUN/"
-start=$(date +%s)
-"$SPPDET" extract --devkit "$PACK/synth" --split train --out "$RUN" --config configs/demo.yaml \
-    --device "$DEVICE" &&
-    "$SPPDET" train "$RUN" &&
-    "$SPPDET" train-svm "$RUN" --layer pool5 &&
-    "$SPPDET" eval --voc2007 --run "$RUN" --devkit "$PACK/synth" --split val --ablations \
-        --json "$OUT/synth_eval.json" &&
-    first=$(head -n 1 "$PACK/synth/VOC2007/ImageSets/Main/val.txt") &&
-    "$SPPDET" detect "$PACK/synth/VOC2007/JPEGImages/$first.jpg" --run "$RUN" \
-        --out-image "$OUT/synth_detections.png" --score-threshold 0 \
-        --json "$OUT/synth_detections.json"
-echo "synthetic pipeline rc=$? in $(($(date +%s) - start)) s"
+step "synthetic pipeline on $DEVICE: scripts/demo.sh (extract -> train -> eval -> detect)"
+BIN=$(dirname "$(command -v python3)") DEVICE=$DEVICE DEMO_DATA=$PACK/synth \
+    bash scripts/demo.sh runs/gpu_demo
+echo "synthetic pipeline rc=$?"
+cp runs/gpu_demo/eval.json "$OUT/demo_eval.json"
+cp runs/gpu_demo/detections.png runs/gpu_demo/detections.json "$OUT/"
 step "bench: VOC07 val, the packed run, $DEVICE"
 # float32 convs use TF32 on CUDA; float16 is the autocast path (bf16 on a CPU dry run).
 half=float16 && [ "$DEVICE" = cpu ] && half=bfloat16
