@@ -98,12 +98,14 @@ def reproductions(folder: Path) -> list[str]:
         first = next(iter(v.values()))
         diffs = ", ".join(f"{k} {x['diff_points']:+.2f}" for k, x in v.items())
         worst = max(x["max_class_ap_diff_points"] for x in v.values())
+        same = all(x.get("identical") for x in v.values())
         lines.append(
             f"- Reproduction of {r['name']}: a rerun at commit `{first['rerun_commit'][:10]}` "
             f"({first['rerun_machine']}) against the committed results "
             f"(`{first['committed_commit'][:10]}`, {first['committed_machine']}), mAP difference "
             f"in points: {diffs}; largest per-class AP difference {worst:.2f}; within "
-            f"{r['tol_points']} points: {'yes' if r['reproduced'] else 'no'} "
+            f"{r['tol_points']} points: {'yes' if r['reproduced'] else 'no'}"
+            f"{' (every mAP and AP the same float)' if same else ''} "
             f"(`results/reproductions/{path.name}`)."
         )
     return lines

@@ -70,6 +70,8 @@ def compare_results(
                 max(abs(100 * (r["ap"][k] - c["ap"][k])) for k in c["ap"]), 2
             ),
             "reproduced": abs(diff) <= tol_points,
+            # the same floats, not only within rounding (same CPU type, same thread counts)
+            "identical": r["map"] == c["map"] and r["ap"] == c["ap"],
             "committed_commit": c.get("commit"),
             "rerun_commit": r.get("commit"),
             "committed_machine": (c.get("machine") or {}).get("cpu_model"),

@@ -36,6 +36,8 @@ def test_within_and_beyond_tolerance():
     assert out["variants"]["pool5"]["reproduced"] is False
     assert out["reproduced"] is False
     assert out["variants"]["fc7"]["rerun_commit"] == "c2"
+    assert out["variants"]["fc7"]["identical"] is False
+    assert compare_results(committed, committed)["variants"]["fc7"]["identical"] is True
     assert compare_results(committed, rerun, tol_points=1.0)["reproduced"] is True
 
 
