@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from sppdet.bench import provenance
-from sppdet.run import Run
+from sppdet.errors import SppdetError
+from sppdet.run import CONFIG_FILE, Run, load_yaml
 from sppdet.storage import atomic_write_json, file_sha256
 
 #: Test-time stages of a run that ``sppdet bench`` loads (``sppdet.evaluate.load_detector``).
@@ -46,7 +47,7 @@ def main() -> int:
     p.add_argument("--head-dtype", choices=("float16", "float32"), default="float16")
     args = p.parse_args()
     run = Run.open(args.run)
-    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+    cfg = load_yaml(args.run / CONFIG_FILE)  # as written, to rewrite three paths in it
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; remove it first")
     ids = pack_devkit(args.devkit, cfg["data"]["year"], args.split, args.limit, args.out)
@@ -57,7 +58,7 @@ def main() -> int:
     pack_run(run.root, args.out / "run", args.head_dtype)
     cfg["data"].update(devkit=str(args.out / "VOCdevkit"), proposals=str(proposals))
     cfg["features"]["weights"] = str(weights)
-    (args.out / "run" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (args.out / "run" / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     atomic_write_json(
         args.out / "PACK.json",
@@ -122,4 +123,7 @@ def pack_run(src: Path, dst: Path, head_dtype: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (SppdetError, OSError) as e:  # a missing run, image, annotation or weights file
+        sys.exit(f"pack_bench: {e}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sppdet.bench import provenance
 from sppdet.repro import NotAReproductionError, compare_results
-from sppdet.storage import atomic_write_json
+from sppdet.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def main() -> int:
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"{path}: not a readable results JSON ({e})") from e
 
