@@ -170,22 +170,47 @@ class BBoxRegressor:
         z = (x @ w).reshape(-1, k, 4) + self.bias
         return z * self.target_std + self.target_mean
 
+    def deltas_all_tensor(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`deltas_all` in torch on ``features``' device: ``Tensor[N, K, 4]`` float32.
+
+        Detection uses this one: a numpy matmul would wake OpenBLAS's thread pool, whose
+        spinning workers slow the next image's conv pass (see ``LinearSVMs.scores_tensor``).
+        """
+        k, d, _ = self.weights.shape
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(features.device, torch.float32)
+
+        w = t(self.weights.transpose(1, 0, 2).reshape(d, k * 4))
+        z = (features.float().reshape(-1, d) @ w).reshape(-1, k, 4) + t(self.bias)
+        return z * t(self.target_std) + t(self.target_mean)
+
     def predict_all(self, features: np.ndarray, proposals: np.ndarray) -> np.ndarray:
         """Boxes ``Array[N, K, 4]`` (float32): each proposal regressed by each class."""
         p = np.asarray(proposals, np.float32).reshape(-1, 1, 4)
         return decode(p, self.deltas_all(features)).astype(np.float32)
 
     def predict_rows(
-        self, features: np.ndarray, rows: np.ndarray, proposals: np.ndarray, labels: np.ndarray
+        self,
+        features: np.ndarray | torch.Tensor,
+        rows: np.ndarray,
+        proposals: np.ndarray,
+        labels: np.ndarray,
     ) -> np.ndarray:
         """Boxes ``Array[M, 4]`` (float32): proposal ``i`` regressed by class ``labels[i]`` from
-        feature row ``rows[i]`` of ``features`` ``Array[U, D]``.
+        feature row ``rows[i]`` of ``features`` ``Array[U, D]`` (or ``Tensor[U, D]``: computed
+        in torch on its device, :meth:`deltas_all_tensor`).
 
         Detection regresses a window for each class it is a candidate of; computing every
         class's deltas once per distinct row (one ``[U, D] x [D, 4K]`` product) avoids gathering
         a ``D``-dim row per (window, class) pair, which cost ~0.1 s per VOC image.
         """
-        deltas = self.deltas_all(features)[np.asarray(rows), np.asarray(labels)]
+        if isinstance(features, torch.Tensor):
+            rows_t = torch.as_tensor(np.asarray(rows), device=features.device)
+            labels_t = torch.as_tensor(np.asarray(labels), device=features.device)
+            deltas = self.deltas_all_tensor(features)[rows_t, labels_t].cpu().numpy()
+        else:
+            deltas = self.deltas_all(features)[np.asarray(rows), np.asarray(labels)]
         return decode(np.asarray(proposals, np.float32), deltas).astype(np.float32)
 
     def predict(

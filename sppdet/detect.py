@@ -103,7 +103,8 @@ class Detector:
         extractor: frozen backbone + scales.
         spp: window mapping / pyramid config.
         head: fine-tuned :class:`~sppdet.finetune.FCHead` (``None`` only for pool5 SVMs).
-        svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``).
+        svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``); detection
+            calls its ``scores_tensor(Tensor[N, D]) -> Tensor[N, K]``.
         bbox: box regressor with ``predict_rows(features, rows, boxes, labels) -> [M, 4]``
             (:meth:`~sppdet.bbox_reg.BBoxRegressor.predict_rows`) or ``None``.
         bbox_scale: factor applied to pool5 vectors before the regressor.
@@ -254,7 +255,7 @@ class Detector:
                     shared, f"{fc_key}/{cfg.layer}", "fc", lambda: self._fc(pool5, cfg.layer)
                 )
             )
-            scores = torch.as_tensor(self.svms.scores(x.cpu().numpy()), device=self.device)
+            scores = self.svms.scores_tensor(x)  # in torch: see LinearSVMs.scores_tensor
             clock.lap("svm")
         regress = None
         if cfg.bbox_reg and self.bbox is not None:
@@ -286,8 +287,8 @@ class Detector:
         rows = inverse[cand] if inverse is not None else cand
         uniq, pos = np.unique(rows, return_inverse=True)
         feats = pool5[torch.from_numpy(uniq).to(pool5.device)] * self.bbox_scale
-        out = self.bbox.predict_rows(
-            feats.cpu().numpy(), pos.reshape(-1), boxes[cand], labels.cpu().numpy()
+        out = self.bbox.predict_rows(  # a tensor: its product runs in torch, not OpenBLAS
+            feats, pos.reshape(-1), boxes[cand], labels.cpu().numpy()
         )
         return torch.as_tensor(out, dtype=torch.float32, device=self.device)
 

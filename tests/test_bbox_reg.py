@@ -182,3 +182,29 @@ def test_predict_rows_equals_predict_on_gathered_rows():
         rtol=1e-5,
         atol=1e-4,
     )
+    # detection passes a tensor: the product runs in torch and must give the same boxes
+    np.testing.assert_allclose(
+        model.predict_rows(torch.from_numpy(feats), rows, props, labels),
+        model.predict(feats[rows], props, labels),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def test_deltas_all_tensor_matches_float64_reference():
+    rng = np.random.default_rng(8)
+    k, d = 4, 33
+    model = BBoxRegressor(
+        weights=rng.normal(size=(k, d, 4)).astype(np.float32),
+        bias=rng.normal(size=(k, 4)).astype(np.float32),
+        target_mean=rng.normal(size=(k, 4)).astype(np.float32),
+        target_std=rng.uniform(0.05, 0.5, size=(k, 4)).astype(np.float32),
+        num_samples=np.full(k, 10, np.int64),
+    )
+    x = rng.normal(size=(9, d)).astype(np.float32)
+    ref = np.einsum("nd,kdj->nkj", x.astype(np.float64), model.weights.astype(np.float64))
+    ref = (ref + model.bias) * model.target_std + model.target_mean
+    got = model.deltas_all_tensor(torch.from_numpy(x))
+    assert got.shape == (9, k, 4) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(model.deltas_all(x), ref, rtol=1e-5, atol=1e-4)

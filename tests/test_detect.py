@@ -54,10 +54,10 @@ class FixedSVM:
         self.table = np.asarray(table, dtype=np.float32)
         self.inputs: list[np.ndarray] = []
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        self.inputs.append(np.array(x))
+    def scores_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.numpy().copy())
         assert len(x) == len(self.table), "fake SVM got a different number of windows"
-        return self.table
+        return torch.from_numpy(self.table)
 
 
 class LinearSVM:
@@ -66,8 +66,8 @@ class LinearSVM:
     def __init__(self, dim: int, k: int, seed: int = 0) -> None:
         self.w = np.random.default_rng(seed).normal(size=(dim, k)).astype(np.float32)
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.w
+    def scores_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.from_numpy(self.w)
 
 
 class ShiftingRegressor:
@@ -77,8 +77,8 @@ class ShiftingRegressor:
         self.dx, self.dy = dx, dy
         self.features: list[np.ndarray] = []
 
-    def predict_rows(self, features, rows, boxes, labels) -> np.ndarray:
-        self.features.append(np.array(features))
+    def predict_rows(self, features: torch.Tensor, rows, boxes, labels) -> np.ndarray:
+        self.features.append(features.numpy().copy())
         assert len(rows) == len(boxes) == len(labels) and rows.max() < len(features)
         out = np.asarray(boxes, np.float32) + np.array([self.dx, self.dy, self.dx, self.dy])
         return out.astype(np.float32)

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from sppdet.errors import DataError
 from sppdet.svm import (
@@ -174,6 +175,15 @@ def test_scores_apply_feature_scale_and_save_load(tmp_path):
     x = rng.normal(size=(7, D)).astype(np.float32)
     np.testing.assert_allclose(svms.scores(x), svms.scores(x * 0.25, scaled=True), atol=1e-5)
     np.testing.assert_allclose(svms.scores(x), (x * 0.25) @ svms.W + svms.b, atol=1e-5)
+    # detection's torch path (float64 reference; half-precision input is upcast)
+    ref = (x.astype(np.float64) * 0.25) @ svms.W.astype(np.float64) + svms.b
+    got = svms.scores_tensor(torch.from_numpy(x))
+    assert got.dtype == torch.float32 and got.shape == (7, 3)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-4)
+    half = torch.from_numpy(x).bfloat16()
+    np.testing.assert_allclose(
+        svms.scores_tensor(half).numpy(), svms.scores(half.float().numpy()), rtol=1e-5, atol=1e-4
+    )
     assert svms.num_classes == 3
     svms.save(tmp_path / "svm.npz")
     back = LinearSVMs.load(tmp_path / "svm.npz")
