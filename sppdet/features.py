@@ -342,7 +342,12 @@ def _pool_cells(
 ) -> Tensor:
     """Pool each window's cells on its scale's map, one batched call per scale."""
     dev = maps[0].fmap.device
-    out = torch.zeros((len(which), spp_dim(maps[0].fmap.shape[0], spp.levels)), device=dev)
+    if len(which) and (which == which[0]).all():
+        # one scale (always so at 1 scale): its call's rows are the output, in order; no
+        # [N, D] buffer to fill and copy (~35 MB per VOC image)
+        return spp_pool(maps[int(which[0])].fmap, cells.to(dev), spp.levels).float()
+    # every window is assigned to exactly one scale, so every row is written below
+    out = torch.empty((len(which), spp_dim(maps[0].fmap.shape[0], spp.levels)), device=dev)
     for k, m in enumerate(maps):
         idx = np.flatnonzero(which == k)
         if len(idx) == 0:

@@ -34,45 +34,52 @@ def available() -> bool:
     return numba is not None
 
 
-def _kernel(fmap: np.ndarray, windows: np.ndarray, n: int, out: np.ndarray, offset: int) -> None:
-    """Max over each bin of an ``n x n`` level; writes ``out[r, offset + c * n * n + j * n + i]``.
+def _kernel(
+    fmap: np.ndarray, windows: np.ndarray, n: int, nested: np.ndarray, starts: np.ndarray, out
+) -> None:
+    """Level ``n`` and the levels ``nested`` (each divides ``n``) of every window.
 
-    ``fmap`` is ``float32[H, W, C]`` (channels last), ``windows`` ``int64[R, 4]`` inclusive cells.
+    Writes level ``nested[k]`` (``nested[0] == n``) at ``out[r, starts[k] + c * m * m + j * m +
+    i]``. ``fmap`` is ``float32[H, W, C]`` (channels last), ``windows`` ``int64[R, 4]``
+    inclusive cells. Each window's ``n x n`` bins are kept in a small ``[n * n, C]`` buffer
+    (scanned with ``C`` innermost, which vectorises) and the coarser levels are reduced from it
+    before anything is written, so ``out`` is touched once per value.
     """
     r_total, c_total = windows.shape[0], fmap.shape[2]
     nn = n * n
     for r in numba.prange(r_total):  # noqa: B020 - numba's parallel range
         x1, y1, x2, y2 = windows[r, 0], windows[r, 1], windows[r, 2], windows[r, 3]
         w, h = x2 - x1 + 1, y2 - y1 + 1
-        acc = np.empty(c_total, dtype=fmap.dtype)
+        acc = np.empty((nn, c_total), dtype=fmap.dtype)
         for j in range(n):
             ys, ye = y1 + (j * h) // n, y1 - ((-(j + 1) * h) // n)
             for i in range(n):
                 xs, xe = x1 + (i * w) // n, x1 - ((-(i + 1) * w) // n)
-                acc[:] = fmap[ys, xs]
+                b = j * n + i
+                for c in range(c_total):
+                    acc[b, c] = fmap[ys, xs, c]
                 for y in range(ys, ye):
                     for x in range(xs, xe):
-                        row = fmap[y, x]
                         for c in range(c_total):
-                            acc[c] = max(acc[c], row[c])
-                base = offset + j * n + i
-                for c in range(c_total):
-                    out[r, base + c * nn] = acc[c]
-
-
-def _nest(out: np.ndarray, src: int, fine: int, dst: int, n: int, c_total: int) -> None:
-    """Level ``n`` at ``dst`` from the nested level ``fine`` (a multiple of ``n``) at ``src``."""
-    f = fine // n
-    for r in numba.prange(out.shape[0]):  # noqa: B020 - numba's parallel range
-        for c in range(c_total):
-            for j in range(n):
-                for i in range(n):
-                    best = out[r, src + c * fine * fine + (j * f) * fine + i * f]
+                            v = fmap[y, x, c]
+                            if v > acc[b, c]:
+                                acc[b, c] = v
+        best = np.empty(c_total, dtype=fmap.dtype)
+        for k in range(nested.shape[0]):
+            m = nested[k]
+            f = n // m
+            for j in range(m):
+                for i in range(m):
+                    for c in range(c_total):
+                        best[c] = acc[(j * f) * n + i * f, c]
                     for dj in range(f):
                         for di in range(f):
-                            v = out[r, src + c * fine * fine + (j * f + dj) * fine + i * f + di]
-                            best = max(best, v)
-                    out[r, dst + c * n * n + j * n + i] = best
+                            b = (j * f + dj) * n + i * f + di
+                            for c in range(c_total):
+                                best[c] = max(best[c], acc[b, c])
+                    col = starts[k] + j * m + i
+                    for c in range(c_total):
+                        out[r, col + c * m * m] = best[c]
 
 
 _compiled: dict = {}
@@ -99,17 +106,16 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
     out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
     threads = torch.get_num_threads()
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    kernel, nest = _get(_kernel), _get(_nest)
-    done: dict[int, int] = {}  # level n -> its column offset in out, for finished levels
-    for k in sorted(range(len(levels)), key=lambda k: -levels[k]):  # finest first
-        n = levels[k]
-        # the coarsest finished level that nests this one: fewest cells to reduce per bin
-        finer = min((m for m in done if m % n == 0), default=None)
-        if finer is None:
-            kernel(hwc, win, n, out, int(starts[k]))
-        else:  # union of nested finer bins (module docstring)
-            nest(out, done[finer], finer, int(starts[k]), n, c)
-        done[n] = int(starts[k])
+    kernel = _get(_kernel)
+    todo = sorted(range(len(levels)), key=lambda k: -levels[k])  # finest first
+    while todo:
+        # the finest level left, with every level left that nests in it (bins of level m are
+        # unions of bins of level n when m divides n: module docstring)
+        n = levels[todo[0]]
+        group = [k for k in todo if n % levels[k] == 0]
+        todo = [k for k in todo if k not in group]
+        nested = np.array([levels[k] for k in group], dtype=np.int64)
+        kernel(hwc, win, n, nested, starts[group].astype(np.int64), out)
     if torch.get_num_threads() != threads:
         # numba's OpenMP layer starts NUMBA_NUM_THREADS workers on its first launch, which also
         # resets torch's OpenMP pool (one libgomp): a process limited to 1 thread (e.g. beside

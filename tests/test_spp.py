@@ -216,7 +216,7 @@ def test_spp_pool_equals_naive_loop(levels, shape):
 
 
 @pytest.mark.parametrize("method", ["loop", "table", "kernel"])
-@pytest.mark.parametrize("levels", [*LEVEL_SETS, (5, 2), (1,), (2, 4, 8)])
+@pytest.mark.parametrize("levels", [*LEVEL_SETS, (5, 2), (1,), (2, 4, 8), (6, 4, 3, 2)])
 def test_every_method_equals_the_naive_loop(method, levels):
     # (2, 4, 8) checks nesting in any order; (5, 2) has no nested level (the kernel scans both)
     gen = torch.Generator().manual_seed(11)
