@@ -31,6 +31,7 @@ from sppdet.fastpath import AutocastTrunk, check_conv_dtype
 from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
 from sppdet.storage import atomic_save_npy, check_manifest, versions
+from sppdet.tiling import stripe_pixels, stripe_trunk
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class FeatureConfig:
     conv_dtype: str = "float32"  # conv trunk autocast: float32 | bfloat16 (CPU AVX512-BF16 /
     # AMX, CUDA) | float16 (CUDA). A test-time speed setting (issue 7, `--conv-dtype`); training
     # maps stay float32 so results do not depend on the machine's bf16 support
+    stripe_pixels: int = -1  # the trunk's blocks up to stride 8 run over horizontal stripes of
+    # about this many input pixels, so their activations stay in cache (exact: sppdet.tiling);
+    # -1 = auto (sppdet.tiling.DEFAULT_STRIPE_PIXELS on a CPU, off on CUDA), 0 = off. Like
+    # fuse_bn and channels_last it is not in the cache manifest: same maps up to float rounding
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,12 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.spec: BackboneSpec = backbone_spec(config.backbone)
         net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
-        self.net = optimize_for_inference(
-            net, fuse_bn=config.fuse_bn, channels_last=config.channels_last
+        self.net = stripe_trunk(
+            net,
+            stripe_pixels(config.stripe_pixels, self.device),
+            lambda m: optimize_for_inference(
+                m, fuse_bn=config.fuse_bn, channels_last=config.channels_last
+            ),
         )
         if check_conv_dtype(config.conv_dtype, self.device) != "float32":
             self.net = AutocastTrunk(self.net, self.device.type, config.conv_dtype)
