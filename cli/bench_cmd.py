@@ -22,6 +22,11 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
     show_default=True,
     help="Comma-separated subset of spp_1scale, spp_5scale, rcnn.",
 )
+@click.option(
+    "--rcnn-batch",
+    type=click.IntRange(min=1),
+    help="R-CNN mode: windows per conv pass (default: the fastest measured, FeatureConfig's).",
+)
 @click.option("--name", help="Output name: benchmarks/<name>.json (default bench_<device>).")
 @click.option(
     "--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks"), show_default=True
@@ -29,7 +34,9 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--device", help="auto | cpu | cuda[:N] (default: the run's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fast_options
-def command(devkit, split, limit, run_dir, methods, name, out_dir, device, quiet, **speed):
+def command(
+    devkit, split, limit, run_dir, methods, rcnn_batch, name, out_dir, device, quiet, **speed
+):
     """Seconds per image of every stage for SPP-net and R-CNN on the same images and proposals."""
     import dataclasses
 
@@ -44,7 +51,15 @@ def command(devkit, split, limit, run_dir, methods, name, out_dir, device, quiet
     if device is not None:  # first: --conv-dtype auto resolves for the device that runs
         run = Run(run.root, dataclasses.replace(run.config, device=device))
     run = run.with_test(**fast_test(speed, conv_default="auto"))
-    result = bench(run, split, devkit=str(devkit), limit=limit, methods=chosen, progress=not quiet)
+    result = bench(
+        run,
+        split,
+        devkit=str(devkit),
+        limit=limit,
+        methods=chosen,
+        progress=not quiet,
+        rcnn_batch=rcnn_batch,
+    )
     name = name or f"bench_{run.device.type}"
     json_path, png_path = write_bench(result, out_dir, name)
     click.echo(format_bench(result))

@@ -13,6 +13,17 @@ if [ -d ../shared/data/VOCdevkit ]; then
 else
     echo "skipping the VOC eval check: ../shared/data/VOCdevkit not found"
 fi
+# Stripe tiling of the trunk (sppdet/tiling.py): same maps? how much faster? 20 val images at the
+# five scales, tiling off and on alternately, float32 and bf16 conv.
+WEIGHTS=../shared/weights/mobilenet_v2_features_imagenet.pth
+if [ -d ../shared/data/VOCdevkit ] && [ -f "$WEIGHTS" ]; then
+    for dt in float32 bfloat16; do
+        "$BIN/python" scripts/check_tiling.py --devkit ../shared/data/VOCdevkit --split val \
+            --limit 20 --weights "$WEIGHTS" --conv-dtype "$dt" --name "tiling_check_$dt"
+    done
+else
+    echo "skipping the tiling check: no ../shared VOCdevkit or backbone weights"
+fi
 # SPP-net 1-scale / 5-scale vs R-CNN mode, same images, proposals and trained stages (issue 7).
 # Needs a trained run on the real data: `make voc07-1scale` makes runs/voc07_1s, `make
 # voc07-5scale` runs/voc07_5s (either will do: every method uses the run's fc / SVM / box

@@ -50,7 +50,8 @@ class FeatureConfig:
     mode: str = "spp"  # "spp": conv once per image (the paper); "rcnn": once per warped window
     # (R-CNN, the baseline of table 10; nothing is cached, see sppdet.rcnn)
     context_padding: int = 16  # R-CNN mode: context pixels around each warped window
-    rcnn_batch: int = 64  # R-CNN mode: windows per conv forward pass (bounds memory)
+    rcnn_batch: int = 8  # R-CNN mode: windows per conv forward pass. Small batches keep the
+    # activations in cache, so the baseline is not handicapped (benchmarks/rcnn_batch_*.json)
     rcnn_input: int = 0  # R-CNN mode: warp size in pixels; 0 = the backbone's ImageNet input
     # size (224; R-CNN's AlexNet used 227)
     fuse_bn: bool = True  # fold batch norms into convs at load (exact up to float rounding)

@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from sppdet.features import FeatureConfig
 from sppdet_cli.main import cli
 
 CONFIG = """\
@@ -226,6 +227,8 @@ def test_bench_times_spp_and_rcnn_side_by_side(trained):
     assert res["conv_dtype"] == resolve_conv_dtype("auto", torch.device("cpu"))
     rcnn, spp1 = res["methods"]["rcnn"], res["methods"]["spp_1scale"]
     assert rcnn["stages"]["warp"] > 0 and spp1["stages"]["warp"] == 0
+    # R-CNN mode runs FeatureConfig's batch (the fastest measured), whatever the run extracted at
+    assert rcnn["features"] == {"mode": "rcnn", "rcnn_batch": FeatureConfig().rcnn_batch}
     assert res["ratio_1scale"] == pytest.approx(
         rcnn["seconds_per_image"] / spp1["seconds_per_image"]
     )
@@ -234,9 +237,11 @@ def test_bench_times_spp_and_rcnn_side_by_side(trained):
         "bench", "--devkit", data, "--split", "val", "--limit", 1, "--run", run,
         "--out-dir", root / "bench", "--name", "tiny_int8", "--quiet", "--fc-dtype", "int8",
         "--svd-fc6", 16, "--methods", "spp_1scale,rcnn", "--conv-dtype", "bfloat16",
+        "--rcnn-batch", 3,
     )  # fmt: skip
     assert fast.exit_code == 0
     res = json.loads((root / "bench" / "tiny_int8.json").read_text())
+    assert res["methods"]["rcnn"]["features"]["rcnn_batch"] == 3
     assert res["test_config"]["fc_dtype"] == "int8" and res["test_config"]["svd_fc6"] == 16
     assert res["conv_dtype"] == "bfloat16" and "ratio_1scale" in res
     bad = CliRunner().invoke(cli, ["bench", "--devkit", str(data), "--run", str(run),
