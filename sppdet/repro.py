@@ -19,6 +19,10 @@ from sppdet.run import RunConfig
 # Keys that must be equal for a rerun to be a reproduction of the committed result ("config" is
 # compared after both are merged onto today's defaults, see _config).
 SAME_EXPERIMENT_KEYS = ("protocol", "command", "config", "weights_sha256", "scales", "val_images")
+# Config knobs that set only how fast the same numbers are computed (equal up to float rounding,
+# like thread counts): a rerun may differ in them, e.g. when a later commit changed their default
+# (features.rcnn_batch 64 -> 8 with stripe tiling). Left out of the config comparison.
+SPEED_ONLY_KEYS = ("features.rcnn_batch", "features.stripe_pixels")
 
 
 class NotAReproductionError(SppdetError):
@@ -91,12 +95,17 @@ def _config(result: Mapping, name: str) -> dict[str, Any]:
 
     A config written before a knob existed lacks its key; merged onto the defaults it reads as
     the default, which is what the older code did (e.g. ``features.conv_dtype: float32``). A key
-    today's code no longer knows means the experiment cannot be rerun as it was.
+    today's code no longer knows means the experiment cannot be rerun as it was. The
+    :data:`SPEED_ONLY_KEYS` are dropped.
     """
     try:
-        return to_dict(merge(RunConfig(), result.get("config") or {}, f"{name} config"))
+        config = to_dict(merge(RunConfig(), result.get("config") or {}, f"{name} config"))
     except ConfigError as e:
         raise NotAReproductionError(str(e)) from e
+    for dotted in SPEED_ONLY_KEYS:
+        section, key = dotted.split(".")
+        config.get(section, {}).pop(key, None)
+    return config
 
 
 def _differing(a: Any, b: Any, where: str) -> list[str]:

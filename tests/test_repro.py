@@ -54,6 +54,19 @@ def test_config_key_added_later_with_its_default_is_the_same_experiment():
     assert compare_results([result("fc7", 0.40)], [rerun])["reproduced"] is True
 
 
+def test_speed_only_knobs_do_not_make_another_experiment():
+    # the committed 1-scale run wrote rcnn_batch 64; a rerun after the default became 8 (and
+    # stripe tiling appeared) computes the same maps up to rounding
+    committed = result("fc7", 0.40)
+    committed["config"] = {"features": {"scales": [688], "rcnn_batch": 64}}
+    rerun = result("fc7", 0.40)
+    rerun["config"] = {"features": {"scales": [688], "rcnn_batch": 8, "stripe_pixels": 0}}
+    assert compare_results([committed], [rerun])["reproduced"] is True
+    rerun["config"]["features"]["scales"] = [480]  # a real difference is still refused
+    with pytest.raises(NotAReproductionError, match="scales"):
+        compare_results([committed], [rerun])
+
+
 @pytest.mark.parametrize(
     "change",
     [
