@@ -25,7 +25,7 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 OUT=${OUT:-runs/gpu_check}
-DEVICE=${DEVICE:-cuda}        # DEVICE=cpu BENCH_LIMIT=1 bash scripts/gpu_check.sh: a dry run here
+DEVICE=${DEVICE:-cuda}  # dry run here: PATH=$PWD/.venv/bin:$PATH DEVICE=cpu BENCH_LIMIT=1 bash scripts/gpu_check.sh
 BENCH_LIMIT=${BENCH_LIMIT:-10}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,10 +47,15 @@ cp runs/gpu_demo/detections.png runs/gpu_demo/detections.json "$OUT/"
 step "bench: VOC07 val, the packed run, $DEVICE"
 # float32 convs use TF32 on CUDA; float16 is the autocast path (bf16 on a CPU dry run).
 half=float16 && [ "$DEVICE" = cpu ] && half=bfloat16
+# R-CNN mode's windows per conv pass: 8 is the fastest measured on the 2-core CPU (small batches
+# stay in cache, benchmarks/rcnn_batch_*_fp32.json); a GPU wants large batches. 64 is a guess,
+# not a measurement: sweep --rcnn-batch there before calling the ratio final.
+rcnn_batch=${RCNN_BATCH:-64} && [ "$DEVICE" = cpu ] && rcnn_batch=${RCNN_BATCH:-8}
 rm -rf "$PACK/run/proposals"  # imported from $PACK/proposals.npz for this --limit
 for dtype in float32 "$half"; do
     "$SPPDET" bench --devkit "$PACK/VOCdevkit" --split val --limit "$BENCH_LIMIT" \
         --run "$PACK/run" --device "$DEVICE" --conv-dtype "$dtype" --quiet \
+        --rcnn-batch "$rcnn_batch" \
         --name "bench_voc07_val_${DEVICE}_$dtype" --out-dir "$OUT"
 done
 step "done"
