@@ -163,18 +163,17 @@ class BBoxRegressor:
         return int(self.weights.shape[0])
 
     def deltas_all(self, features: np.ndarray) -> np.ndarray:
-        """Predicted deltas ``Array[N, K, 4]`` (float32) of every row for every class."""
-        k, d, _ = self.weights.shape
-        x = np.asarray(features, np.float32).reshape(-1, d)
-        w = self.weights.transpose(1, 0, 2).reshape(d, k * 4)
-        z = (x @ w).reshape(-1, k, 4) + self.bias
-        return z * self.target_std + self.target_mean
+        """Predicted deltas ``Array[N, K, 4]`` (float32) of every row for every class:
+        :meth:`deltas_all_tensor` on the CPU."""
+        x = torch.from_numpy(np.asarray(features, np.float32).reshape(-1, self.weights.shape[1]))
+        return self.deltas_all_tensor(x).numpy()
 
     def deltas_all_tensor(self, features: torch.Tensor) -> torch.Tensor:
-        """:meth:`deltas_all` in torch on ``features``' device: ``Tensor[N, K, 4]`` float32.
+        """Predicted deltas ``Tensor[N, K, 4]`` (float32) of ``Tensor[N, D]`` features, on
+        their device.
 
-        Detection uses this one: a numpy matmul would wake OpenBLAS's thread pool, whose
-        spinning workers slow the next image's conv pass (see ``LinearSVMs.scores_tensor``).
+        In torch, not numpy: a numpy matmul would wake OpenBLAS's thread pool, whose spinning
+        workers slow the next image's conv pass (see ``LinearSVMs.scores_tensor``).
         """
         k, d, _ = self.weights.shape
 
@@ -198,19 +197,19 @@ class BBoxRegressor:
         labels: np.ndarray,
     ) -> np.ndarray:
         """Boxes ``Array[M, 4]`` (float32): proposal ``i`` regressed by class ``labels[i]`` from
-        feature row ``rows[i]`` of ``features`` ``Array[U, D]`` (or ``Tensor[U, D]``: computed
-        in torch on its device, :meth:`deltas_all_tensor`).
+        feature row ``rows[i]`` of ``features`` ``Array[U, D]`` or ``Tensor[U, D]`` (computed in
+        torch on its device, :meth:`deltas_all_tensor`).
 
         Detection regresses a window for each class it is a candidate of; computing every
         class's deltas once per distinct row (one ``[U, D] x [D, 4K]`` product) avoids gathering
         a ``D``-dim row per (window, class) pair, which cost ~0.1 s per VOC image.
         """
-        if isinstance(features, torch.Tensor):
-            rows_t = torch.as_tensor(np.asarray(rows), device=features.device)
-            labels_t = torch.as_tensor(np.asarray(labels), device=features.device)
-            deltas = self.deltas_all_tensor(features)[rows_t, labels_t].cpu().numpy()
-        else:
-            deltas = self.deltas_all(features)[np.asarray(rows), np.asarray(labels)]
+        x = features
+        if not isinstance(x, torch.Tensor):
+            x = torch.from_numpy(np.asarray(x, np.float32))
+        rows_t = torch.as_tensor(np.asarray(rows), device=x.device)
+        labels_t = torch.as_tensor(np.asarray(labels), device=x.device)
+        deltas = self.deltas_all_tensor(x)[rows_t, labels_t].cpu().numpy()
         return decode(np.asarray(proposals, np.float32), deltas).astype(np.float32)
 
     def predict(

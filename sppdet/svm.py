@@ -237,31 +237,29 @@ class LinearSVMs:
         return int(self.W.shape[1])
 
     def scores(self, features: np.ndarray, *, scaled: bool = False) -> np.ndarray:
-        """SVM scores ``Array[N, K]`` (float32) of ``Array[N, D]`` features.
+        """SVM scores ``Array[N, K]`` (float32) of ``Array[N, D]`` features: :meth:`scores_tensor`
+        on the CPU."""
+        x = torch.from_numpy(np.asarray(features, np.float32).reshape(-1, self.W.shape[0]))
+        return self.scores_tensor(x, scaled=scaled).numpy()
+
+    def scores_tensor(self, features: torch.Tensor, *, scaled: bool = False) -> torch.Tensor:
+        """SVM scores ``Tensor[N, K]`` (float32) of ``Tensor[N, D]`` features, on their device.
 
         ``scaled=False`` (default): raw features, ``feature_scale`` is applied here (folded into
         the product, so no scaled copy is made); ``True``: already multiplied by it.
-        """
-        x = np.asarray(features, np.float32).reshape(-1, self.W.shape[0])
-        z = x @ self.W
-        if not scaled:
-            z *= np.float32(self.feature_scale)
-        return z + self.b
 
-    def scores_tensor(self, features: torch.Tensor) -> torch.Tensor:
-        """:meth:`scores` of raw ``Tensor[N, D]`` features, in torch on their device:
-        ``Tensor[N, K]`` float32.
-
-        Why detection scores here and not with :meth:`scores`: numpy's matmul runs on OpenBLAS's
-        own thread pool, whose workers keep spinning for a while after each call and so take
-        the cores from the next image's conv pass (torch's OpenMP pool). On 2 cores that made
-        the 688-px MobileNetV2 pass ~40 ms slower per image. On CUDA it also saves moving fc7
-        to the host.
+        Why torch (detection's path): numpy's matmul runs on OpenBLAS's own thread pool, whose
+        workers keep spinning for a while after each call and so take the cores from the next
+        image's conv pass (torch's OpenMP pool). On 2 cores that made the 688-px MobileNetV2
+        pass ~40 ms slower per image. On CUDA it also saves moving fc7 to the host.
         """
         x = features.float().reshape(-1, self.W.shape[0])
         w = torch.from_numpy(self.W).to(device=x.device, dtype=torch.float32)
         b = torch.from_numpy(self.b).to(device=x.device, dtype=torch.float32)
-        return (x @ w) * float(self.feature_scale) + b
+        z = x @ w
+        if not scaled:
+            z = z * float(self.feature_scale)
+        return z + b
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` atomically."""

@@ -2,10 +2,11 @@
 
 Why: on a CPU the first blocks of a trunk run at stride 2-8 on wide activations (MobileNetV2's
 96- and 144-channel expansions at stride 2 and 4). At the paper's larger scales (864, 1200) these
-no longer fit the caches and the pass becomes memory-bound: a 1200-px MobileNetV2 pass cost
-2-3x more per pixel in those blocks than a 688-px one (bf16, 2 cores). Running those blocks over
-horizontal stripes of the image, each with a halo of rows that covers their receptive field,
-keeps each stripe's activations in cache; the rest of the trunk runs on the reassembled map.
+no longer fit the caches and the pass becomes memory-bound: in a per-block profile (not
+committed) a 1200-px MobileNetV2 pass cost 2-3x more per pixel in those blocks than a 688-px
+one (bf16, 2 cores). Running those blocks over horizontal stripes of the image, each with a
+halo of rows that covers their receptive field, keeps each stripe's activations in cache; the
+rest of the trunk runs on the reassembled map.
 
 Exactness: a stripe starts at a multiple of the head's stride, so every layer's sampling grid is
 the full image's grid; the rows a stripe computes wrongly (its zero padding stands where the
@@ -36,8 +37,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Input pixels (batch x rows x width) per stripe on a CPU: about what keeps MobileNetV2's
-#: stride-2/4 activations of one stripe within a few MB. Measured on AMD EPYC, 2 cores: 1200-px
-#: bf16 pass 183-216 -> 110-116 ms with stripes of 16-24 rows at stride 8.
+#: stride-2/4 activations of one stripe within a few MB (16-24 rows at stride 8 for a 1200-px
+#: scale). Its effect: benchmarks/tiling_check_*.json (scripts/check_tiling.py).
 DEFAULT_STRIPE_PIXELS = 1 << 18
 #: The head is the leading children of the trunk up to this total stride: beyond it the maps are
 #: small enough that tiling only adds halo work.
