@@ -41,7 +41,11 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--limit", type=int, help="First N images of the split only.")
 @click.option("--proposals", "import_path", type=click.Path(), help="Import .npz/.mat proposals.")
 @click.option("--config", "config_path", type=click.Path(), help="YAML deltas over the defaults.")
-@click.option("--no-cache", is_flag=True, help="Do not cache conv maps (recompute on the fly).")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Do not cache conv maps (R-CNN mode: window vectors); recompute them on the fly.",
+)
 @click.option(
     "--mode",
     type=click.Choice(MODES),
@@ -65,7 +69,8 @@ def extract_command(
     device,
     workers,
 ):
-    """Cache proposals and conv feature maps (one conv pass per image and scale)."""
+    """Cache proposals and conv feature maps (one conv pass per image and scale; R-CNN mode:
+    the pooled vectors of every proposal and GT box, one conv pass per window)."""
     from sppdet.extract import extract
     from sppdet.run import Run, build_config
 
@@ -96,7 +101,8 @@ def extract_command(
     click.echo(
         f"extract {split}: {summary['images']} images, "
         f"{summary['proposals_per_image']:.0f} proposals/image, "
-        f"{summary['computed']} maps computed in {summary['seconds']:.1f} s -> {run.root}"
+        f"{summary['computed']} {'window sets' if cfg.features.mode == 'rcnn' else 'maps'} computed "
+        f"in {summary['seconds']:.1f} s -> {run.root}"
     )
 
 

@@ -197,10 +197,12 @@ def evaluate_variants(
 
 def _image_detect(provider, rec, size, boxes):
     """``detect(detector, shared)`` for one image: SPP mode pools its (cached) conv maps,
-    R-CNN mode warps its windows from the image (their conv time is counted under "spp")."""
+    R-CNN mode reads its window vectors from the cache or warps them from the image (their
+    conv time is counted under "spp")."""
     if isinstance(provider, RCNNProvider):
-        prepared = provider.featurizer.prepare(load_image(rec.path), provider.extractor.device)
-        pool = lambda b: (provider.featurizer.features(prepared, b), None)  # noqa: E731
+        # cached vectors when the split was extracted, else warped and convolved here
+        loader = lambda: load_image(rec.path)  # noqa: E731
+        pool = lambda b: (provider.pool5(rec.image_id, size, loader, b), None)  # noqa: E731
         return lambda det, shared: det.detect_with(pool, size, boxes, shared)
     maps = provider.maps(rec.image_id, size, lambda: load_image(rec.path))
     return lambda det, shared: det.detect_maps(maps, size, boxes, shared)

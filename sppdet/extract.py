@@ -1,13 +1,19 @@
-"""The ``extract`` stage: proposals + cached conv maps of a split (resumable, no-op when done)."""
+"""The ``extract`` stage: proposals + cached conv maps (R-CNN mode: window vectors) of a split.
+
+Resumable, and a no-op when done.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, read_json
@@ -17,6 +23,7 @@ log = logging.getLogger(__name__)
 #: ``RUN/features/<split>/extract_log.json``: conv seconds and images computed, over attempts.
 EXTRACT_LOG = "extract_log.json"
 LOG_EVERY = 25  # images between log updates
+DISK_MARGIN = 2 * 10**9  # bytes left free after an R-CNN extraction
 
 
 def extract(
@@ -43,26 +50,32 @@ def extract(
         "seconds": 0.0,
     }
     cfg = run.config.features
-    if cfg.mode == "rcnn":
-        log.info("R-CNN mode: windows are warped and convolved when needed; no maps to cache")
-        return summary
     if not cfg.cache:
-        log.info("feature caching is off: later stages compute conv maps on the fly")
+        log.info("feature caching is off: later stages compute window features on the fly")
         return summary
+
     provider = run.provider(split)
     assert provider.cache is not None
-    todo = [r for r in dataset if not provider.cache.has(r.image_id, cfg.scales)]
+    rcnn = cfg.mode == "rcnn"
+    cached = provider.cache.has if rcnn else lambda i: provider.cache.has(i, cfg.scales)
+    todo = [r for r in dataset if not cached(r.image_id)]
     if not todo:
         log.info(
             "all %d images of %s already cached in %s", len(dataset), split, provider.cache.root
         )
         return summary
+    if rcnn:
+        _check_disk(provider, [_rcnn_boxes(r, proposals) for r in todo])
     log_path = provider.cache.root / EXTRACT_LOG
     before = read_json(log_path) if log_path.exists() else {"seconds": 0.0, "images": 0}
     attempts = before.get("attempts", 0) + 1
     t0 = time.perf_counter()
     for k, rec in enumerate(tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress)):
-        provider.maps(rec.image_id, (rec.height, rec.width), lambda r=rec: load_image(r.path))
+        loader = lambda r=rec: load_image(r.path)  # noqa: E731
+        if rcnn:
+            provider.store(rec.image_id, loader, _rcnn_boxes(rec, proposals))
+        else:
+            provider.maps(rec.image_id, (rec.height, rec.width), loader)
         if (k + 1) % LOG_EVERY == 0 or k + 1 == len(todo):
             # Cumulative over attempts, written as it goes: a killed extraction (end of a
             # session) keeps the time it spent, so resumed runs can report the whole stage.
@@ -79,3 +92,26 @@ def extract(
     summary["seconds"] = time.perf_counter() - t0
     summary["images_per_second"] = len(todo) / max(summary["seconds"], 1e-9)
     return summary
+
+
+def _rcnn_boxes(rec, proposals) -> np.ndarray:
+    """The windows R-CNN mode caches for an image: its proposals and all its GT boxes (training
+    uses both; :meth:`~sppdet.rcnn.RCNNProvider.pool5` computes any other window)."""
+    boxes = np.concatenate([proposals.boxes_for(rec.image_id), rec.boxes]).astype(np.float32)
+    return np.unique(boxes, axis=0)
+
+
+def _check_disk(provider, boxes: list[np.ndarray]) -> None:
+    """Refuse an R-CNN extraction that would fill the disk (~15 MB per VOC image)."""
+    spec = provider.extractor.spec
+    dim = spec.channels * sum(n * n for n in provider.spp.levels)
+    need = sum(len(b) for b in boxes) * dim * provider.cache.dtype.itemsize
+    free = shutil.disk_usage(provider.cache.root).free
+    log.info("R-CNN mode caches %.1f GB of window vectors (%.1f GB free)", need / 1e9, free / 1e9)
+    if need + DISK_MARGIN > free:
+        raise SppdetError(
+            f"caching R-CNN window vectors of {len(boxes)} images needs {need / 1e9:.1f} GB "
+            f"but {provider.cache.root} has {free / 1e9:.1f} GB free (keeping "
+            f"{DISK_MARGIN / 1e9:.0f} GB spare); free space, extract fewer images (--limit) or "
+            "pass --no-cache (later stages then recompute the windows, ~5 ms each on a CPU)"
+        )

@@ -45,10 +45,11 @@ class FeatureConfig:
     seed: int = 0  # initialisation seed for random weights
     scales: tuple[int, ...] = SINGLE_SCALE  # shorter-side sizes (paper 4.1: 688; 5-scale preset)
     max_size: int = 2000  # cap on the longer side (Fast R-CNN MAX_SIZE)
-    cache: bool = True  # keep maps on disk; off -> later stages recompute them on the fly
+    cache: bool = True  # keep maps (R-CNN mode: window vectors, ~15 MB per VOC image) on disk;
+    # off -> later stages recompute them on the fly
     dtype: str = "float16"  # cached map dtype (fp16 halves disk; SPP max pooling is exact in it)
     mode: str = "spp"  # "spp": conv once per image (the paper); "rcnn": once per warped window
-    # (R-CNN, the baseline of table 10; nothing is cached, see sppdet.rcnn)
+    # (R-CNN, the baseline of table 10; see sppdet.rcnn)
     context_padding: int = 16  # R-CNN mode: context pixels around each warped window
     rcnn_batch: int = 8  # R-CNN mode: windows per conv forward pass. Small batches keep the
     # activations in cache, so the baseline is not handicapped (benchmarks/rcnn_batch_*.json)

@@ -33,7 +33,7 @@ from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapPr
 from sppdet.finetune import FinetuneConfig
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
-from sppdet.rcnn import RCNNProvider
+from sppdet.rcnn import RCNNCache, RCNNProvider, rcnn_cache_manifest
 from sppdet.storage import atomic_write_text, canonical, diff
 from sppdet.svm import SVMConfig
 
@@ -197,11 +197,15 @@ class Run:
 
     def provider(self, split: str) -> MapProvider | RCNNProvider:
         """Window features of ``split``: cached conv maps (SPP) or warped crops (R-CNN mode)."""
+        root = self.root / "features" / split
         if self.config.features.mode == "rcnn":
-            return RCNNProvider(self.extractor, self.config.spp)
+            rcache = None
+            if self.config.features.cache:
+                rcache = RCNNCache(root, rcnn_cache_manifest(self.extractor, self.config.spp))
+            return RCNNProvider(self.extractor, self.config.spp, rcache)
         cache = None
         if self.config.features.cache:
-            cache = FeatureCache(self.root / "features" / split, self.extractor.manifest())
+            cache = FeatureCache(root, self.extractor.manifest())
         return MapProvider(self.extractor, cache, self.config.spp)
 
     def path(self, *parts: str) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -249,16 +250,23 @@ def test_bench_times_spp_and_rcnn_side_by_side(trained):
     assert bad.exit_code != 0 and "unknown methods" in bad.output
 
 
-def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path):
-    """extract --mode rcnn caches no maps; train / eval / detect run on warped windows; a run
+def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path, monkeypatch):
+    """extract --mode rcnn caches each image's window vectors (resumable, refused with other
+    levels or too little disk); train / eval / detect run on them and on warped windows; a run
     of one mode is refused under the other."""
     data, cfg = trained["data"], trained["cfg"]
     run = tmp_path / "rcnn"
-    out = invoke(
-        "extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg,
-        "--mode", "rcnn", "--limit", 4,
-    )  # fmt: skip
-    assert "0 maps computed" in out.output and not (run / "features").exists()
+    args = ("extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg,
+            "--mode", "rcnn", "--limit", 4)  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr("sppdet.extract.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 9))
+        bad = CliRunner().invoke(cli, [str(a) for a in args])
+    assert bad.exit_code != 0 and "GB free" in bad.output and "--no-cache" in bad.output
+    assert "4 window sets computed" in invoke(*args).output
+    cache = run / "features" / "train"
+    assert len(list((cache / "pool5").glob("*.npz"))) == 4
+    assert json.loads((cache / "manifest.json").read_text())["kind"] == "rcnn_pool5_vectors"
+    assert "0 window sets computed" in invoke(*args).output  # resumable: nothing left to do
     invoke("train", run, "--quiet", "--mode", "rcnn")
     assert (run / "svm_fc7" / "svm.npz").is_file()
     j = tmp_path / "eval.json"

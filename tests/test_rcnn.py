@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from sppdet.backbones import backbone_spec, build_backbone
-from sppdet.rcnn import RCNNFeaturizer, context_boxes, warp_windows, warp_windows_cpu
+from sppdet.errors import CacheMismatchError
+from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
+from sppdet.rcnn import (
+    RCNNCache,
+    RCNNFeaturizer,
+    RCNNProvider,
+    context_boxes,
+    rcnn_cache_manifest,
+    warp_windows,
+    warp_windows_cpu,
+)
 from sppdet.spp import spp_pool
 
 
@@ -143,3 +153,60 @@ def test_timings_split_warp_conv_and_pooling(zf5):
     t: dict = {}
     feat.features(feat.prepare(image, torch.device("cpu")), np.array([[0, 0, 9, 9]]), t)
     assert set(t) == {"warp", "conv", "spp"} and all(v >= 0 for v in t.values())
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    cfg = FeatureConfig(
+        backbone="zf5", weights="random", scales=(64,), mode="rcnn", rcnn_input=32,
+        context_padding=4, rcnn_batch=3,
+    )  # fmt: skip
+    return FeatureExtractor(cfg, "cpu")
+
+
+def _image_and_boxes(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 25, size=(7, 2)).astype(np.float32)
+    return image, np.concatenate([xy, xy + rng.uniform(5, 15, size=(7, 2))], axis=1)
+
+
+def test_cached_vectors_equal_computed_ones_for_any_box_subset_and_flip(extractor, tmp_path):
+    """Hits are read, misses (new boxes, flipped windows) computed; all rounded to fp16, so the
+    output is the same whichever boxes were cached, in the order asked."""
+    spp = SPPConfig(levels=(2, 1))
+    image, boxes = _image_and_boxes()
+    cache = RCNNCache(tmp_path / "c", rcnn_cache_manifest(extractor, spp))
+    cached = RCNNProvider(extractor, spp, cache)
+    plain = RCNNProvider(extractor, spp)  # no cache: float32 vectors, computed every time
+    calls = []
+
+    def load():
+        calls.append(1)
+        return image
+
+    cached.store("img", load, boxes[:5])
+    assert cache.has("img") and not cache.has("other") and len(calls) == 1
+    _, stored = cache.load("img")
+    assert stored.dtype == np.float16 and stored.shape == (5, extractor.spec.channels * 5)
+    ask = boxes[[4, 0, 6, 2, 5]]  # cached and uncached, permuted
+    for flip in (False, True):
+        got = cached.pool5("img", (40, 50), load, ask, flip=flip)
+        ref = plain.pool5("img", (40, 50), load, ask, flip=flip).half().float()
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    calls.clear()
+    hits = cached.pool5("img", (40, 50), load, boxes[[3, 1]])
+    assert not calls  # all cached: the image is not even read
+    torch.testing.assert_close(hits, torch.from_numpy(stored[[3, 1]]).float())
+    assert cached.pool5("img", (40, 50), load, boxes[:0]).shape == (0, stored.shape[1])
+
+
+def test_rcnn_cache_refuses_other_levels_and_reports_corrupt_files(extractor, tmp_path):
+    RCNNCache(tmp_path, rcnn_cache_manifest(extractor, SPPConfig(levels=(2, 1))))
+    with pytest.raises(CacheMismatchError, match="levels"):
+        RCNNCache(tmp_path, rcnn_cache_manifest(extractor, SPPConfig(levels=(3, 1))))
+    cache = RCNNCache(tmp_path, rcnn_cache_manifest(extractor, SPPConfig(levels=(2, 1))))
+    cache.path("bad").parent.mkdir(parents=True, exist_ok=True)
+    cache.path("bad").write_bytes(b"not an npz")
+    with pytest.raises(CacheMismatchError, match="corrupt cached vectors"):
+        cache.load("bad")
