@@ -98,10 +98,11 @@ def extract_command(
         cfg = dataclasses.replace(cfg, **extra)
     run = Run.create(run_dir, cfg)
     summary = extract(run, split, devkit=devkit, limit=limit)
+    what = "window sets" if cfg.features.mode == "rcnn" else "maps"
     click.echo(
         f"extract {split}: {summary['images']} images, "
         f"{summary['proposals_per_image']:.0f} proposals/image, "
-        f"{summary['computed']} {'window sets' if cfg.features.mode == 'rcnn' else 'maps'} computed "
+        f"{summary['computed']} {what} computed "
         f"in {summary['seconds']:.1f} s -> {run.root}"
     )
 
