@@ -197,3 +197,37 @@ def plot_stage_times(
     ax.legend(fontsize=7, ncols=4, loc="upper right")  # the short SPP bars leave it free
     ax.invert_yaxis()
     _save_figure(fig, path)
+
+
+def plot_ap_comparison(
+    aps: Mapping[str, Mapping[str, float]], path: str | os.PathLike, *, title: str = ""
+) -> None:
+    """Grouped bars of per-class AP (percent), one bar per method in each class.
+
+    Args:
+        aps: method -> class name -> AP in [0, 1] (NaN: no positives, drawn as nothing); every
+            method must cover the same classes.
+        path: output PNG.
+        title: figure title (the methods' mAPs are added to the legend).
+    """
+    if not aps:
+        raise ValueError("plot_ap_comparison: no methods to plot")
+    classes = list(next(iter(aps.values())))
+    if any(list(a) != classes for a in aps.values()):
+        raise ValueError("plot_ap_comparison: the methods cover different classes")
+    fig = _figure(max(6.0, 0.5 * len(classes)), 3.6)
+    ax = fig.subplots()
+    x = np.arange(len(classes))
+    width = 0.8 / len(aps)
+    for k, (name, ap) in enumerate(aps.items()):
+        vals = 100 * np.array([ap[c] for c in classes], dtype=np.float64)
+        label = f"{name} (mAP {np.nanmean(vals):.1f})"
+        ax.bar(x + (k - (len(aps) - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("AP (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save_figure(fig, path)

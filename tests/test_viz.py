@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sppdet.viz import draw_detections, plot_pr_curves, plot_recall_curve
+from sppdet.viz import draw_detections, plot_ap_comparison, plot_pr_curves, plot_recall_curve
 
 
 def test_import_has_no_pyplot_side_effect():
@@ -59,3 +59,15 @@ def test_draw_detections(tmp_path):
     assert out[25, 25].sum() > 0  # caption above the box
     with pytest.raises(ValueError):
         draw_detections(image, boxes, [0, 1], [0.5], ["cat", "dog"], path)
+
+
+def test_plot_ap_comparison(tmp_path):
+    aps = {"spp": {"cat": 0.5, "dog": float("nan")}, "rcnn": {"cat": 0.4, "dog": float("nan")}}
+    path = tmp_path / "ap.png"
+    plot_ap_comparison(aps, path, title="pool5")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+    with pytest.raises(ValueError, match="different classes"):
+        plot_ap_comparison({"a": {"cat": 0.1}, "b": {"dog": 0.1}}, tmp_path / "x.png")
+    with pytest.raises(ValueError):
+        plot_ap_comparison({}, tmp_path / "y.png")
