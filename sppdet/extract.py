@@ -64,8 +64,9 @@ def extract(
             "all %d images of %s already cached in %s", len(dataset), split, provider.cache.root
         )
         return summary
+    windows = {r.image_id: _rcnn_boxes(r, proposals) for r in todo} if rcnn else {}
     if rcnn:
-        _check_disk(provider, [_rcnn_boxes(r, proposals) for r in todo])
+        _check_disk(provider, list(windows.values()))
     log_path = provider.cache.root / EXTRACT_LOG
     before = read_json(log_path) if log_path.exists() else {"seconds": 0.0, "images": 0}
     attempts = before.get("attempts", 0) + 1
@@ -73,7 +74,7 @@ def extract(
     for k, rec in enumerate(tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress)):
         loader = lambda r=rec: load_image(r.path)  # noqa: E731
         if rcnn:
-            provider.store(rec.image_id, loader, _rcnn_boxes(rec, proposals))
+            provider.store(rec.image_id, loader, windows.pop(rec.image_id))
         else:
             provider.maps(rec.image_id, (rec.height, rec.width), loader)
         if (k + 1) % LOG_EVERY == 0 or k + 1 == len(todo):
