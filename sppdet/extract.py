@@ -16,6 +16,7 @@ from tqdm import tqdm
 from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
 from sppdet.run import Run
+from sppdet.spp import spp_dim
 from sppdet.storage import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ def _rcnn_boxes(rec, proposals) -> np.ndarray:
 
 def _check_disk(provider, boxes: list[np.ndarray]) -> None:
     """Refuse an R-CNN extraction that would fill the disk (~15 MB per VOC image)."""
-    spec = provider.extractor.spec
-    dim = spec.channels * sum(n * n for n in provider.spp.levels)
+    dim = spp_dim(provider.extractor.spec.channels, provider.spp.levels)
     need = sum(len(b) for b in boxes) * dim * provider.cache.dtype.itemsize
     free = shutil.disk_usage(provider.cache.root).free
     log.info("R-CNN mode caches %.1f GB of window vectors (%.1f GB free)", need / 1e9, free / 1e9)
