@@ -28,16 +28,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import yaml
 
+from sppdet.stages import Stage, read_record, run_lanes, run_stage
 from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,86 +61,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_stage(
-    name: str, argv: list[str], stages: dict, path: Path, *, threads: int | None = None
-) -> None:
-    """Run one sppdet command; record its wall seconds and peak RSS (GiB) under ``name``.
-
-    ``threads`` caps the child's torch/OpenMP threads (``OMP_NUM_THREADS``); None leaves the
-    default (all cores).
-    """
-    print(f"\n== {name}: {shlex.join(argv)}", flush=True)
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"stage {name} failed with exit code {code}")
-    with _STAGES_LOCK:
-        prev = stages.get(name, {"seconds": 0.0, "peak_rss_gb": 0.0})
-        # ru_maxrss is in KiB on Linux. A resumed stage adds its time to the earlier attempts'.
-        stages[name] = {
-            "seconds": prev["seconds"] + seconds,
-            "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),
-            "command": shlex.join(argv),
-            "threads": threads or "all",
-        }
-        atomic_write_json(path, stages)
-
-
-_STAGES_LOCK = threading.Lock()  # lanes finish stages concurrently; one writer at a time
-
-
-def run_lanes(lanes: list[list[tuple[str, list[str]]]], stages: dict, path: Path) -> None:
-    """Run each lane's stages in order, several lanes side by side with one thread each.
-
-    A single lane runs with all threads. After a failed stage the other lanes finish the stage
-    they are in (its work is kept for a rerun), start no new one, and the failure is raised.
-    """
-    if len(lanes) == 1:
-        for name, argv in lanes[0]:
-            run_stage(name, argv, stages, path)
-        return
-    errors: list[BaseException] = []
-
-    def lane(plan: list[tuple[str, list[str]]]) -> None:
-        try:
-            for name, argv in plan:
-                if errors:
-                    return
-                run_stage(name, argv, stages, path, threads=1)
-        except BaseException as e:  # a failed stage raises SystemExit
-            errors.append(e)
-
-    workers = [threading.Thread(target=lane, args=(plan,)) for plan in lanes]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-
-
 def main() -> int:
     args = parse_args()
     sppdet = str(BIN / "sppdet")
     run, devkit = str(args.run), args.devkit
     lim_t = ["--limit", str(args.limit_train)] if args.limit_train else []
     lim_v = ["--limit", str(args.limit_val)] if args.limit_val else []
-    stages_path = args.run / "stages.json"
-    stages = read_json(stages_path) if stages_path.exists() else {}
+    rec = args.run / "stages.json"
     ext = ["--devkit", devkit, "--out", run, "--config", str(args.config)]
-    extract_train = ("extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t])
-    train = [("train", [sppdet, "train", run, "--quiet"])]
+    extract_train = Stage(
+        "extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t], rec
+    )
+    train = [Stage("train", [sppdet, "train", run, "--quiet"], rec)]
     beside = [
-        ("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v]),
-        ("train_svm_pool5", [sppdet, "train-svm", run, "--layer", "pool5", "--quiet"]),
+        Stage("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v], rec),
+        Stage("train_svm_pool5", [sppdet, "train-svm", run, "--layer", "pool5", "--quiet"], rec),
     ]
-    evaluate = (
+    evaluate = Stage(
         "eval",
         [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
          "--ablations", "--json", str(args.run / "ablations.json"), *lim_v,
@@ -151,12 +85,13 @@ def main() -> int:
          # cost is measured apart: scripts/fast_path.py); the run itself keeps the default, so
          # `sppdet bench --run RUN` times what users get
          "--fc-dtype", "float32"],
+        rec,
     )  # fmt: skip
     args.run.mkdir(parents=True, exist_ok=True)
-    run_stage(*extract_train, stages, stages_path)
-    run_lanes([train, beside] if args.lanes == 2 else [train + beside], stages, stages_path)
-    run_stage(*evaluate, stages, stages_path)
-    write_results(args, stages)
+    run_stage(extract_train)
+    run_lanes([train, beside] if args.lanes == 2 else [train + beside])
+    run_stage(evaluate)
+    write_results(args, read_record(rec))
     return 0
 
 

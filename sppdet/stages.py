@@ -1,0 +1,121 @@
+"""Experiment stages as child processes, each timed alone: wall seconds and peak RSS on record.
+
+The experiment scripts (``scripts/voc07.py``, ``scripts/mode_compare.py``) run every ``sppdet``
+stage as its own process so that its peak RSS is its own (``wait4``'s ``ru_maxrss``), and keep
+the figures in a ``stages.json`` beside the run. A stage that is run again (an interrupted
+experiment resumed) adds its seconds to the earlier attempts' and keeps the larger peak.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sppdet.storage import atomic_write_json, read_json
+
+_LOCK = threading.Lock()  # lanes finish stages concurrently; one writer of a record at a time
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of an experiment.
+
+    Attributes:
+        name: key in the record, e.g. ``extract_train``.
+        argv: the command line.
+        record: the ``stages.json`` that receives its seconds and peak RSS.
+        then: called after the stage succeeded and was recorded (e.g. to rewrite a results
+            file as soon as an evaluation is in), in the thread that ran the stage.
+    """
+
+    name: str
+    argv: Sequence[str]
+    record: Path
+    then: Callable[[], None] | None = None
+
+
+def read_record(path: Path) -> dict:
+    """A ``stages.json`` as written by :func:`run_stage` (empty when there is none yet)."""
+    return read_json(path) if path.exists() else {}
+
+
+def run_stage(stage: Stage, *, threads: int | None = None) -> float:
+    """Run ``stage``; add its wall seconds and peak RSS (GiB) to its record.
+
+    Args:
+        stage: the command and where its figures go.
+        threads: caps the child's torch/OpenMP threads (``OMP_NUM_THREADS``); None leaves the
+            default (every core).
+
+    Returns:
+        This attempt's wall seconds.
+
+    Raises:
+        SystemExit: the command failed (its exit code in the message); nothing is recorded.
+    """
+    argv = [str(a) for a in stage.argv]
+    print(f"\n== {stage.name}: {shlex.join(argv)}", flush=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"stage {stage.name} failed with exit code {code}")
+    with _LOCK:
+        record = read_record(stage.record)
+        prev = record.get(stage.name, {"seconds": 0.0, "peak_rss_gb": 0.0})
+        record[stage.name] = {
+            "seconds": prev["seconds"] + seconds,
+            "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),  # KiB on Linux
+            "command": shlex.join(argv),
+            "threads": threads or "all",
+        }
+        stage.record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stage.record, record)
+    if stage.then is not None:
+        stage.then()
+    return seconds
+
+
+def run_lanes(lanes: Sequence[Sequence[Stage]]) -> None:
+    """Run each lane's stages in order, several lanes side by side with one thread each.
+
+    Why one thread each: on 2 cores a stage that is partly single-threaded (Python, I/O, small
+    convs that one thread already keeps busy) leaves a core idle when it runs alone. A single
+    lane runs with every thread. After a failed stage the other
+    lanes finish the stage they are in (its work is kept for a rerun), start no new one, and the
+    failure is raised.
+    """
+    lanes = [lane for lane in lanes if lane]
+    if len(lanes) <= 1:
+        for stage in lanes[0] if lanes else []:
+            run_stage(stage)
+        return
+    errors: list[BaseException] = []
+
+    def lane(plan: Sequence[Stage]) -> None:
+        try:
+            for stage in plan:
+                if errors:
+                    return
+                run_stage(stage, threads=1)
+        except BaseException as e:  # a failed stage raises SystemExit
+            errors.append(e)
+
+    workers = [threading.Thread(target=lane, args=(plan,)) for plan in lanes]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,75 @@
+"""sppdet.stages: experiment stages as timed child processes, alone or in lanes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from sppdet.stages import Stage, read_record, run_lanes, run_stage
+
+PY = sys.executable
+
+
+def _py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def test_run_stage_records_and_adds_up_attempts(tmp_path: Path) -> None:
+    rec = tmp_path / "run" / "stages.json"
+    calls = []
+    stage = Stage("s", _py("import time; time.sleep(0.2)"), rec, then=lambda: calls.append(1))
+    first = run_stage(stage)
+    second = run_stage(stage, threads=3)
+    got = read_record(rec)["s"]
+    assert first >= 0.2 and second >= 0.2
+    assert got["seconds"] == pytest.approx(first + second)
+    assert 0 < got["peak_rss_gb"] < 64
+    assert got["threads"] == 3 and got["command"].endswith("time.sleep(0.2)'")
+    assert calls == [1, 1]
+
+
+def test_run_stage_failure_records_nothing(tmp_path: Path) -> None:
+    rec = tmp_path / "stages.json"
+    called = []
+    with pytest.raises(SystemExit, match="stage bad failed with exit code 3"):
+        run_stage(Stage("bad", _py("raise SystemExit(3)"), rec, then=lambda: called.append(1)))
+    assert read_record(rec) == {} and not called
+
+
+def test_lanes_run_side_by_side_with_one_thread_each(tmp_path: Path) -> None:
+    rec = tmp_path / "stages.json"
+    # each lane writes its flag and waits for the other's: this only finishes if both run at once
+    wait = (
+        "import os, pathlib, time; d = pathlib.Path({d!r}); (d / {me!r}).write_text("
+        "os.environ['OMP_NUM_THREADS']); t = time.time()\n"
+        "while not (d / {other!r}).exists():\n"
+        "    assert time.time() - t < 20, 'the other lane never ran'; time.sleep(0.01)"
+    )
+    a = Stage("a", _py(wait.format(d=str(tmp_path), me="a", other="b")), rec)
+    b = Stage("b", _py(wait.format(d=str(tmp_path), me="b", other="a")), rec)
+    run_lanes([[a], [b], []])
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "1"
+    assert set(read_record(rec)) == {"a", "b"}
+
+
+def test_a_failed_lane_stops_the_others_next_stages(tmp_path: Path) -> None:
+    rec = tmp_path / "stages.json"
+    slow = Stage("slow", _py("import time; time.sleep(1.0)"), rec)
+    never = Stage("never", _py(f"open({str(tmp_path / 'ran')!r}, 'w')"), rec)
+    bad = Stage("bad", _py("raise SystemExit(2)"), rec)
+    with pytest.raises(SystemExit, match="bad failed"):
+        run_lanes([[slow, never], [bad]])
+    assert not (tmp_path / "ran").exists()
+    assert set(read_record(rec)) == {"slow"}  # the stage in progress finished and counts
+
+
+def test_one_lane_runs_in_order_with_every_thread(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rec = tmp_path / "stages.json"
+    log = tmp_path / "log"
+    code = "import os; open({!r}, 'a').write('{}' + os.environ.get('OMP_NUM_THREADS', '-'))"
+    run_lanes([[Stage(n, _py(code.format(str(log), n)), rec) for n in "xyz"]])
+    assert log.read_text() == "x-y-z-"
+    assert {v["threads"] for v in read_record(rec).values()} == {"all"}
