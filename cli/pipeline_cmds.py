@@ -39,6 +39,11 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--scales", help="Shorter sides: 688, '480,576,688,864,1200', or 1 / 5 presets.")
 @click.option("--max-size", type=int, help="Cap on the longer side (default 2000).")
 @click.option("--limit", type=int, help="First N images of the split only.")
+@click.option(
+    "--train-split",
+    help="Split the run trains on (default: the config's data.train_split, else train); "
+    "--limit on it sets how many images training uses.",
+)
 @click.option("--proposals", "import_path", type=click.Path(), help="Import .npz/.mat proposals.")
 @click.option("--config", "config_path", type=click.Path(), help="YAML deltas over the defaults.")
 @click.option(
@@ -62,6 +67,7 @@ def extract_command(
     scales,
     max_size,
     limit,
+    train_split,
     import_path,
     config_path,
     no_cache,
@@ -71,17 +77,16 @@ def extract_command(
 ):
     """Cache proposals and conv feature maps (one conv pass per image and scale; R-CNN mode:
     the pooled vectors of every proposal and GT box, one conv pass per window)."""
+    import dataclasses
+
     from sppdet.extract import extract
     from sppdet.run import Run, build_config
 
     cfg = build_config(
         config_path,
-        data={
-            "devkit": str(devkit),
-            "train_split": split,
-            "limit": limit,
-            "proposals": import_path,
-        },
+        # The training split is never "whichever split was extracted first": a run created by
+        # a val extraction (say, beside the train one) would have trained on val.
+        data={"devkit": str(devkit), "train_split": train_split, "proposals": import_path},
         features={
             "backbone": backbone,
             "weights": weights,
@@ -93,10 +98,10 @@ def extract_command(
     )
     extra = {k: v for k, v in {"device": device, "workers": workers}.items() if v is not None}
     if extra:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, **extra)
-    run = Run.create(run_dir, cfg)
+    if split == cfg.data.train_split and limit is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
+    run = Run.create(run_dir, cfg).settle_training_limit(split, cfg.data.limit)
     summary = extract(run, split, devkit=devkit, limit=limit)
     what = "window sets" if cfg.features.mode == "rcnn" else "maps"
     click.echo(

@@ -34,7 +34,7 @@ from sppdet.finetune import FinetuneConfig
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
 from sppdet.rcnn import RCNNCache, RCNNProvider, rcnn_cache_manifest
-from sppdet.storage import atomic_write_text, canonical, diff
+from sppdet.storage import atomic_create_text, atomic_write_text, canonical, diff
 from sppdet.svm import SVMConfig
 
 log = logging.getLogger(__name__)
@@ -106,35 +106,57 @@ class Run:
 
     @classmethod
     def create(cls, root: str | Path, config: RunConfig) -> Run:
-        """Create ``root`` with ``config``, or reopen it if its cached stages agree."""
+        """Create ``root`` with ``config``, or reopen it if its cached stages agree.
+
+        Creation is exclusive: of two stages that create the same run at once (the train and
+        val extractions side by side), one writes ``config.yaml`` and the other reopens it.
+        """
         root = Path(root)
         path = root / CONFIG_FILE
-        if path.exists():
-            old = cls.open(root).config
-            # Imported proposals do not depend on the selective-search settings: only the
-            # import source matters, and the proposal store checks that itself.
-            imported = (
-                old.data.proposals is not None and old.data.proposals == config.data.proposals
+        text = yaml.safe_dump(to_dict(config), sort_keys=False)
+        if not path.exists() and atomic_create_text(path, text):
+            return cls(root, config)
+        old = cls.open(root).config
+        # Imported proposals do not depend on the selective-search settings: only the
+        # import source matters, and the proposal store checks that itself.
+        imported = old.data.proposals is not None and old.data.proposals == config.data.proposals
+        diffs = [
+            line
+            for sec in _CACHE_SECTIONS
+            if not (sec == "proposals" and imported)
+            for line in diff(
+                canonical(to_dict(getattr(old, sec))),
+                canonical(to_dict(getattr(config, sec))),
+                sec,
             )
-            diffs = [
-                line
-                for sec in _CACHE_SECTIONS
-                if not (sec == "proposals" and imported)
-                for line in diff(
-                    canonical(to_dict(getattr(old, sec))),
-                    canonical(to_dict(getattr(config, sec))),
-                    sec,
-                )
-            ]
-            if diffs:
-                raise CacheMismatchError(
-                    f"{root} was made with other settings ({'; '.join(diffs)}; see {path}): "
-                    "use another --out directory"
-                )
-            return cls(root, old)
-        root.mkdir(parents=True, exist_ok=True)
+        ]
+        if diffs:
+            raise CacheMismatchError(
+                f"{root} was made with other settings ({'; '.join(diffs)}; see {path}): "
+                "use another --out directory"
+            )
+        return cls(root, old)
+
+    def settle_training_limit(self, split: str, limit: int | None) -> Run:
+        """The run as an extraction of ``split`` with ``--limit limit`` leaves it.
+
+        ``data.limit`` (how many images of ``data.train_split`` the training stages use) is set
+        by the first extraction of the training split, whichever split created the run: before,
+        a run created by a val extraction trained on val. Once the training split's proposals
+        are stored, another limit for it is refused rather than silently ignored.
+        """
+        data = self.config.data
+        if split != data.train_split or limit == data.limit:
+            return self
+        path = self.root / CONFIG_FILE
+        if self.path("proposals", f"{split}.npz").exists():
+            raise CacheMismatchError(
+                f"{self.root} trains on {_first(data.limit)} {split} images (data.limit in "
+                f"{path}), not {_first(limit)}: use another --out directory"
+            )
+        config = dataclasses.replace(self.config, data=dataclasses.replace(data, limit=limit))
         atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-        return cls(root, config)
+        return Run(self.root, config)
 
     @classmethod
     def open(cls, root: str | Path) -> Run:
@@ -210,3 +232,7 @@ class Run:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+
+def _first(limit: int | None) -> str:
+    return "all" if limit is None else f"the first {limit}"

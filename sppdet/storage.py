@@ -36,6 +36,21 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + ``os.replace`` (atomic on POSIX)."""
+    _write_via_temp(path, data, exclusive=False)
+
+
+def atomic_create_text(path: str | os.PathLike, text: str) -> bool:
+    """Write UTF-8 ``text`` to ``path`` atomically unless ``path`` exists.
+
+    Returns:
+        True if this call created the file, False if it existed (it is left as it was). Two
+        processes racing to create the same file: exactly one wins (``os.link`` refuses an
+        existing name), so neither overwrites the other's.
+    """
+    return _write_via_temp(path, text.encode("utf-8"), exclusive=True)
+
+
+def _write_via_temp(path: str | os.PathLike, data: bytes, *, exclusive: bool) -> bool:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,7 +61,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return True
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

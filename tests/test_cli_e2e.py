@@ -275,3 +275,19 @@ def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path, monkeypatc
     assert 0.0 <= json.loads(j.read_text())["map"] <= 1.0
     bad = CliRunner().invoke(cli, ["train", str(trained["run"]), "--mode", "rcnn"])
     assert bad.exit_code != 0 and "'spp' run" in bad.output
+
+
+def test_extracting_val_first_still_trains_on_train(tmp_path):
+    """A run created by its val extraction (e.g. beside the train one) trains on train."""
+    data, run, cfg = tmp_path / "data", tmp_path / "run", tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    invoke("make-synthetic", data, "--images", 8, "--size", "96x96", "--seed", 0)
+    common = ("--devkit", data, "--out", run, "--config", cfg)
+    invoke("extract", "--split", "val", "--limit", 2, *common)
+    invoke("extract", "--split", "train", "--limit", 3, *common)
+    stored = (run / "config.yaml").read_text()
+    assert "train_split: train" in stored and "limit: 3" in stored
+    result = CliRunner().invoke(
+        cli, ["extract", "--split", "train", "--limit", "2", *map(str, common)]
+    )
+    assert result.exit_code != 0 and "trains on the first 3 train images" in result.output

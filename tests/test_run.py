@@ -69,3 +69,33 @@ def test_with_test_auto_conv_dtype_resolves_for_the_device(tmp_path, monkeypatch
     monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: False)
     auto = run.with_test(conv_dtype="auto")
     assert auto.config.features == run.config.features  # float32: the cache stays in use
+
+
+def test_training_limit_is_set_by_the_training_split_whichever_split_came_first(tmp_path):
+    # a val extraction created the run: it must not make val the training split or fix its limit
+    run = Run.create(tmp_path, build_config())
+    assert run.settle_training_limit("val", 5) is run
+    run = Run.create(tmp_path, build_config()).settle_training_limit("train", 150)
+    reopened = Run.open(tmp_path).config.data
+    assert (reopened.train_split, reopened.limit) == ("train", 150)
+    assert run.config.data.limit == 150
+
+
+def test_another_training_limit_is_refused_once_training_proposals_exist(tmp_path):
+    run = Run.create(tmp_path, build_config()).settle_training_limit("train", 150)
+    run.path("proposals").mkdir()
+    run.path("proposals", "train.npz").write_bytes(b"")
+    assert run.settle_training_limit("train", 150).config.data.limit == 150
+    with pytest.raises(CacheMismatchError, match="the first 150 train images.*not all"):
+        run.settle_training_limit("train", None)
+
+
+def test_concurrent_creation_keeps_the_first_config(tmp_path):
+    first = build_config(features={"scales": [64]})
+    Run.create(tmp_path, first)
+    # a creator that lost the race (the file appeared after its exists() check) reopens it
+    from sppdet.storage import atomic_create_text
+
+    assert not atomic_create_text(tmp_path / "config.yaml", "overwritten: true\n")
+    assert Run.open(tmp_path).config.features.scales == first.features.scales
+    assert not list(tmp_path.glob(".config.yaml.*"))  # no temp file left behind
