@@ -139,11 +139,7 @@ def _reused_rcnn(args: argparse.Namespace) -> dict[str, dict]:
     old = read_json(args.rcnn_from)
     mode = args.modes[0]
     config = yaml.safe_load((args.run / mode / "config.yaml").read_text())
-    same = {k: v for k, v in config.items() if k != "features"} == {
-        k: v for k, v in old["config"].items() if k != "features"
-    } and {k: v for k, v in config["features"].items() if k != "scales"} == {
-        k: v for k, v in old["config"]["features"].items() if k != "scales"
-    }
+    same = _without_scales(config) == _without_scales(old["config"])
     if not same or (old["train_images"], old["val_images"]) != (args.limit_train, args.limit_val):
         raise SystemExit(f"--rcnn-from {args.rcnn_from}: other images or config than this run")
     rows = {}
@@ -158,6 +154,10 @@ def _reused_rcnn(args: argparse.Namespace) -> dict[str, dict]:
             "seconds_per_image": row["test_seconds_per_image"]["rcnn"],
         }
     return rows
+
+
+def _without_scales(config: dict) -> dict:
+    return {**config, "features": {k: v for k, v in config["features"].items() if k != "scales"}}
 
 
 _WRITE_LOCK = threading.Lock()  # lanes finish evals concurrently
