@@ -39,9 +39,8 @@ import sys
 import threading
 from pathlib import Path
 
-import yaml
-
 from sppdet.bench import machine
+from sppdet.run import CONFIG_FILE, load_yaml
 from sppdet.stages import Stage, read_record, run_lanes
 from sppdet.storage import atomic_write_json, git_commit, read_json
 from sppdet.viz import plot_ap_comparison
@@ -115,8 +114,13 @@ def plan(args: argparse.Namespace) -> tuple[list[list[Stage]], list[list[Stage]]
     return extract, [chains[0], sum(chains[1:], [])]
 
 
+def _run_config(args: argparse.Namespace, mode: str) -> dict:
+    """The resolved config a mode's run directory stores (written by its first extract)."""
+    return load_yaml(args.run / mode / CONFIG_FILE)
+
+
 def _spp_label(args: argparse.Namespace, mode: str) -> str:
-    config = yaml.safe_load((args.run / mode / "config.yaml").read_text())
+    config = _run_config(args, mode)
     return f"SPP {len(config['features']['scales'])}-scale"
 
 
@@ -138,7 +142,7 @@ def _reused_rcnn(args: argparse.Namespace) -> dict[str, dict]:
     """R-CNN rows of an earlier comparison of the same images and config, scales aside."""
     old = read_json(args.rcnn_from)
     mode = args.modes[0]
-    config = yaml.safe_load((args.run / mode / "config.yaml").read_text())
+    config = _run_config(args, mode)
     same = _without_scales(config) == _without_scales(old["config"])
     if not same or (old["train_images"], old["val_images"]) != (args.limit_train, args.limit_val):
         raise SystemExit(f"--rcnn-from {args.rcnn_from}: other images or config than this run")
@@ -203,7 +207,7 @@ def _write_results(args: argparse.Namespace) -> None:
         "val_images": args.limit_val,
         "rows": rows,
         "rcnn_rows_from": str(args.rcnn_from) if args.rcnn_from else None,
-        "config": yaml.safe_load((args.run / args.modes[0] / "config.yaml").read_text()),
+        "config": _run_config(args, args.modes[0]),
         "stage_seconds": {
             m: {k: round(v["seconds"], 1) for k, v in s.items()} for m, s in stages.items()
         },

@@ -113,8 +113,7 @@ class Run:
         """
         root = Path(root)
         path = root / CONFIG_FILE
-        text = yaml.safe_dump(to_dict(config), sort_keys=False)
-        if not path.exists() and atomic_create_text(path, text):
+        if not path.exists() and atomic_create_text(path, _config_text(config)):
             return cls(root, config)
         old = cls.open(root).config
         # Imported proposals do not depend on the selective-search settings: only the
@@ -155,7 +154,7 @@ class Run:
                 f"{path}), not {_first(limit)}: use another --out directory"
             )
         config = dataclasses.replace(self.config, data=dataclasses.replace(data, limit=limit))
-        atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+        atomic_write_text(path, _config_text(config))
         return Run(self.root, config)
 
     @classmethod
@@ -232,6 +231,11 @@ class Run:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+
+def _config_text(config: RunConfig) -> str:
+    """``config.yaml``'s text: sections and keys in the dataclasses' order."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def _first(limit: int | None) -> str:
