@@ -20,12 +20,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check sppdet cli tests scripts
-	$(BIN)/ruff check sppdet cli tests scripts
+	$(BIN)/ruff format --check sppdet cli tests scripts experiments
+	$(BIN)/ruff check sppdet cli tests scripts experiments
 
 format: $(STAMP)
-	$(BIN)/ruff format sppdet cli tests scripts
-	$(BIN)/ruff check --fix sppdet cli tests scripts
+	$(BIN)/ruff format sppdet cli tests scripts experiments
+	$(BIN)/ruff check --fix sppdet cli tests scripts experiments
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)
@@ -41,19 +41,20 @@ clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
 
 # VOC2007 train -> val with the real data in ../shared (hours on 2 CPU cores; resumable:
-# rerun the same target to finish an interrupted run). Writes results/*.json and the README table.
+# rerun the same target to finish an interrupted run). Writes results/*.json; the tables of
+# docs/results.md are regenerated from them with `python -m experiments.results_table`.
 voc07: voc07-1scale voc07-5scale
 
 voc07-1scale: $(STAMP)
-	$(BIN)/python scripts/voc07.py --config configs/voc07_mnv2_1scale.yaml --run runs/voc07_1s --name voc07_mnv2_1scale
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_mnv2_1scale.yaml --run runs/voc07_1s --name voc07_mnv2_1scale
 
 voc07-5scale: $(STAMP)
-	$(BIN)/python scripts/voc07.py --config configs/voc07_mnv2_5scale.yaml --run runs/voc07_5s --name voc07_mnv2_5scale
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_mnv2_5scale.yaml --run runs/voc07_5s --name voc07_mnv2_5scale
 
 # Rerun the committed experiment on a clean clone of HEAD (beside this checkout, see
-# scripts/repro.sh) and compare its mAP with results/*.json: results/reproductions/<name>.json.
+# experiments/repro.sh) and compare its mAP with results/*.json: results/reproductions/<name>.json.
 repro-1scale: $(STAMP)
-	bash scripts/repro.sh voc07_mnv2_1scale voc07-1scale
+	bash experiments/repro.sh voc07_mnv2_1scale voc07-1scale
 
 repro-5scale: $(STAMP)
-	bash scripts/repro.sh voc07_mnv2_5scale voc07-5scale
+	bash experiments/repro.sh voc07_mnv2_5scale voc07-5scale

@@ -1,6 +1,6 @@
 """Does a rerun of a committed experiment reproduce its results? (issue 6's check, as code.)
 
-A committed result (``results/<name>_<variant>.json``, written by scripts/voc07.py) names the
+A committed result (``results/<name>_<variant>.json``, written by experiments.voc07) names the
 command, config and weights it came from. A reproduction reruns that command on a clean checkout
 and compares, variant by variant, the mAP it gets with the committed one. It only counts as a
 reproduction when the command, config and weights are the same; anything else is a different
@@ -9,6 +9,7 @@ experiment, and :func:`compare_results` refuses it rather than report a differen
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,12 +18,16 @@ from sppdet.errors import ConfigError, SppdetError
 from sppdet.run import RunConfig
 
 # Keys that must be equal for a rerun to be a reproduction of the committed result ("config" is
-# compared after both are merged onto today's defaults, see _config).
+# compared after both are merged onto today's defaults, see _config; "command" by its arguments,
+# see _arguments).
 SAME_EXPERIMENT_KEYS = ("protocol", "command", "config", "weights_sha256", "scales", "val_images")
 # Config knobs that set only how fast the same numbers are computed (equal up to float rounding,
 # like thread counts): a rerun may differ in them, e.g. when a later commit changed their default
 # (features.rcnn_batch 64 -> 8 with stripe tiling). Left out of the config comparison.
 SPEED_ONLY_KEYS = ("features.rcnn_batch", "features.stripe_pixels")
+# The ways the experiment script has been invoked: as a file under scripts/ (results committed
+# before the harness left the package) and as a module of experiments/.
+SCRIPT_NAMES = ("scripts/voc07.py", "experiments/voc07.py", "experiments.voc07")
 
 
 class NotAReproductionError(SppdetError):
@@ -59,7 +64,7 @@ def compare_results(
             raise NotAReproductionError(f"variant {name!r} is committed; the rerun has none")
         r = ran[name]
         for key in SAME_EXPERIMENT_KEYS:
-            a, b = (_config(x, name) if key == "config" else x.get(key) for x in (c, r))
+            a, b = (_compared(x, key, name) for x in (c, r))
             if a != b:
                 what = ", ".join(_differing(a, b, key)) if key == "config" else key
                 raise NotAReproductionError(f"{name}: {what} differ(s) from the committed run")
@@ -88,6 +93,30 @@ def compare_results(
         "tol_points": tol_points,
         "variants": variants,
     }
+
+
+def _compared(result: Mapping, key: str, name: str) -> Any:
+    """The value of ``key`` that two results must share to be the same experiment."""
+    if key == "config":
+        return _config(result, name)
+    if key == "command":
+        return _arguments(result.get("command"))
+    return result.get(key)
+
+
+def _arguments(command: str | None) -> list[str] | None:
+    """The command's arguments after the experiment script, however the script was invoked.
+
+    ``python scripts/voc07.py --config c.yaml`` and ``python -m experiments.voc07 --config
+    c.yaml`` run the same experiment. A command without a known script is kept whole.
+    """
+    if command is None:
+        return None
+    argv = shlex.split(command)
+    for i, arg in enumerate(argv):
+        if arg in SCRIPT_NAMES:
+            return argv[i + 1 :]
+    return argv
 
 
 def _config(result: Mapping, name: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Experiment stages as child processes, each timed alone: wall seconds and peak RSS on record.
 
-The experiment scripts (``scripts/voc07.py``, ``scripts/mode_compare.py``) run every ``sppdet``
-stage as its own process so that its peak RSS is its own (``wait4``'s ``ru_maxrss``), and keep
-the figures in a ``stages.json`` beside the run. A stage that is run again (an interrupted
+The experiment scripts (:mod:`experiments.voc07`, :mod:`experiments.mode_compare`) run every
+``sppdet`` stage as its own process so that its peak RSS is its own (``wait4``'s ``ru_maxrss``),
+and keep the figures in a ``stages.json`` beside the run. A stage that is run again (an interrupted
 experiment resumed) adds its seconds to the earlier attempts' and keeps the larger peak.
 """
 

@@ -21,7 +21,7 @@ stage skips finished work), and the stage timings of earlier invocations are kep
 
 Usage::
 
-    .venv/bin/python scripts/voc07.py --config configs/voc07_mnv2_1scale.yaml \\
+    .venv/bin/python -m experiments.voc07 --config configs/voc07_mnv2_1scale.yaml \\
         --run runs/voc07_1s --name voc07_mnv2_1scale [--limit-train N] [--limit-val N]
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from sppdet.stages import Stage, read_record, run_lanes, run_stage
+from experiments.stages import Stage, read_record, run_lanes, run_stage
 from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def main() -> int:
         [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
          "--ablations", "--json", str(args.run / "ablations.json"), *lim_v,
          # the results rows are the exact float32 fc path (the CPU default is int8, whose mAP
-         # cost is measured apart: scripts/fast_path.py); the run itself keeps the default, so
+         # cost is measured apart: docs/fast_path.md); the run itself keeps the default, so
          # `sppdet bench --run RUN` times what users get
          "--fc-dtype", "float32"],
         rec,
@@ -101,7 +101,7 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
     feats = cfg["features"]
     weights = feats["weights"]
     sha = file_sha256(weights) if weights and Path(weights).is_file() else None
-    command = shlex.join(["python", "scripts/voc07.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "experiments.voc07", *sys.argv[1:]])
     peak = max(s["peak_rss_gb"] for s in stages.values())
     args.results.mkdir(parents=True, exist_ok=True)
     for eval_dir in sorted((args.run / "eval").glob("val_*")):

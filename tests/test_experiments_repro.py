@@ -1,4 +1,4 @@
-"""sppdet.repro: a rerun reproduces a committed result only when it is the same experiment."""
+"""experiments.repro: a rerun reproduces a committed result only when it is the same experiment."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from sppdet.repro import NotAReproductionError, compare_results
+from experiments.repro import NotAReproductionError, compare_results
 
 
 def result(variant: str, m: float, **extra) -> dict:
@@ -39,6 +39,15 @@ def test_within_and_beyond_tolerance():
     assert out["variants"]["fc7"]["identical"] is False
     assert compare_results(committed, committed)["variants"]["fc7"]["identical"] is True
     assert compare_results(committed, rerun, tol_points=1.0)["reproduced"] is True
+
+
+def test_the_script_moved_to_experiments_is_the_same_command():
+    # results committed when the script was scripts/voc07.py, rerun as python -m experiments.voc07
+    rerun = result("fc7", 0.40, command="python -m experiments.voc07 --config c.yaml")
+    assert compare_results([result("fc7", 0.40)], [rerun])["reproduced"] is True
+    rerun = result("fc7", 0.40, command="python -m experiments.voc07 --config other.yaml")
+    with pytest.raises(NotAReproductionError, match="command"):
+        compare_results([result("fc7", 0.40)], [rerun])
 
 
 def test_per_class_difference_reported():

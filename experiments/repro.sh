@@ -2,7 +2,7 @@
 # make repro-1scale / repro-5scale: issue 6's check. Reruns the committed VOC07 experiment on a
 # clean clone of HEAD and compares its mAP, variant by variant, with results/<name>_*.json.
 #
-#   bash scripts/repro.sh voc07_mnv2_1scale voc07-1scale
+#   bash experiments/repro.sh voc07_mnv2_1scale voc07-1scale
 #
 # The clone goes beside this checkout (REPRO_DIR, default ../sppdet-repro-<name>) because the
 # configs find the data at ../shared relative to the working directory. A clone, not this tree:
@@ -26,5 +26,5 @@ fi
 mkdir -p "$dir/runs"
 (cd "$dir" && make venv && make "$target") 2>&1 | tee -a "$dir/runs/repro_$name.log"
 mkdir -p results/reproductions
-"${BIN:-.venv/bin}/python" scripts/repro_check.py --name "$name" --rerun "$dir/results" \
+"${BIN:-.venv/bin}/python" -m experiments.repro_check --name "$name" --rerun "$dir/results" \
     --out "results/reproductions/$name.json"

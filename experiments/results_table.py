@@ -1,10 +1,14 @@
-"""Rewrite the README's VOC2007 results table from ``results/*.json`` (written by scripts/voc07.py).
+"""Rewrite the generated tables of ``docs/`` from ``results/*.json`` and ``sppdet bench`` files.
 
-The table sits between the markers ``<!-- results:start -->`` and ``<!-- results:end -->``; each
-row is one results file, next to the paper's number for the same row (VOC07 *test*, ZF-5,
-trained on trainval: not a like-for-like comparison, as the table's caption says).
+The VOC2007 table (``results/*.json``, written by ``experiments.voc07``) sits in
+``docs/results.md`` between the markers ``<!-- results:start -->`` and ``<!-- results:end -->``;
+each row is one results file, next to the paper's number for the same row (VOC07 *test*, ZF-5,
+trained on trainval: not a like-for-like comparison, as the table's caption says). The speed
+tables (``--bench FILE``, repeatable) go between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` of ``docs/speed.md``.
 
-Usage: ``.venv/bin/python scripts/results_table.py [--readme README.md] [--results results]``
+Usage: ``.venv/bin/python -m experiments.results_table [--results-doc docs/results.md]
+[--results results] [--bench benchmarks/NAME.json ...] [--speed-doc docs/speed.md]``
 """
 
 from __future__ import annotations
@@ -73,11 +77,11 @@ def caption(results: list[dict]) -> str:
         "The paper trains on VOC07 trainval (twice our "
         "images) and tests on VOC07 test with ZF-5: its column is the anchor, not a like-for-like "
         "number. Reproduce with `make voc07` (command in each results file); `make repro-1scale` "
-        "reruns the 1-scale one on a clean clone and compares (`scripts/repro.sh`).",
+        "reruns the 1-scale one on a clean clone and compares (`experiments/repro.sh`).",
         "",
     ]
     for n, (st, threads, rss, m) in sorted(stages.items()):
-        # a 1-thread stage ran beside another one (scripts/voc07.py --lanes 2)
+        # a 1-thread stage ran beside another one (experiments.voc07 --lanes 2)
         parts = ", ".join(
             f"{k} {v / 60:.0f} min{' (1 thread, in a lane)' if threads.get(k) == 1 else ''}"
             for k, v in st.items()
@@ -90,7 +94,7 @@ def caption(results: list[dict]) -> str:
 
 
 def reproductions(folder: Path) -> list[str]:
-    """One line per ``results/reproductions/*.json`` (scripts/repro_check.py)."""
+    """One line per ``results/reproductions/*.json`` (experiments.repro_check)."""
     lines = []
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
@@ -100,9 +104,9 @@ def reproductions(folder: Path) -> list[str]:
         worst = max(x["max_class_ap_diff_points"] for x in v.values())
         same = all(x.get("identical") for x in v.values())
         lines.append(
-            f"- Reproduction of {r['name']}: a rerun at commit `{first['rerun_commit'][:10]}` "
+            f"- Reproduction of {r['name']}: a rerun on a clean clone "
             f"({first['rerun_machine']}) against the committed results "
-            f"(`{first['committed_commit'][:10]}`, {first['committed_machine']}), mAP difference "
+            f"({first['committed_machine']}; both commits in the file), mAP difference "
             f"in points: {diffs}; largest per-class AP difference {worst:.2f}; within "
             f"{r['tol_points']} points: {'yes' if r['reproduced'] else 'no'}"
             f"{' (every mAP and AP the same float)' if same else ''} "
@@ -133,8 +137,7 @@ def bench_table(path: Path) -> str:
         f"{b['device']}, {m['cpu_model']}, {m['threads']} threads, torch {m['torch']}; "
         f"test path: dedup {t['dedup']}, fc6/fc7 SVD ranks {t['svd_fc6']}/{t['svd_fc7']}, fc "
         f"{t['fc_dtype']}, conv {b.get('conv_dtype', 'float32')}; peak RSS "
-        f"{b['peak_rss_gb']:.2f} GB; commit `{b['commit'][:10]}`; "
-        f"command `{b['command']}`.",
+        f"{b['peak_rss_gb']:.2f} GB; command `{b['command']}`.",
     ]
     return "\n".join(rows)
 
@@ -149,28 +152,32 @@ def _replace(text: str, start: str, end: str, body: str, readme: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--results", type=Path, default=ROOT / "results")
+    p.add_argument("--results-doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument(
         "--bench",
         type=Path,
         action="append",
         help="A sppdet bench JSON for the speed tables (repeat for several, in order).",
     )
+    p.add_argument("--speed-doc", type=Path, default=ROOT / "docs" / "speed.md")
     args = p.parse_args()
-    text = args.readme.read_text()
     results = [json.loads(f.read_text()) for f in sorted(args.results.glob("voc07_*.json"))]
+    if not results and args.bench is None:
+        raise SystemExit(f"no results/voc07_*.json in {args.results} and no --bench file")
     if results:
         repro = reproductions(args.results / "reproductions")
         body = "\n".join([caption(results), *repro]) + f"\n\n{table(results)}"
-        text = _replace(text, START, END, body, args.readme)
+        _rewrite(args.results_doc, START, END, body)
+        print(f"updated {args.results_doc} from {len(results)} results files")
     if args.bench is not None:
         body = "\n\n".join(bench_table(b) for b in args.bench)
-        text = _replace(text, BENCH_START, BENCH_END, body, args.readme)
-    if not results and args.bench is None:
-        raise SystemExit(f"no results/voc07_*.json in {args.results} and no --bench file")
-    args.readme.write_text(text)
-    print(f"updated {args.readme} from {len(results)} results files")
+        _rewrite(args.speed_doc, BENCH_START, BENCH_END, body)
+        print(f"updated {args.speed_doc} from {len(args.bench)} bench files")
+
+
+def _rewrite(doc: Path, start: str, end: str, body: str) -> None:
+    doc.write_text(_replace(doc.read_text(), start, end, body, doc))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""sppdet.stages: experiment stages as timed child processes, alone or in lanes."""
+"""experiments.stages: experiment stages as timed child processes, alone or in lanes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sppdet.stages import Stage, read_record, run_lanes, run_stage
+from experiments.stages import Stage, read_record, run_lanes, run_stage
 
 PY = sys.executable
 

@@ -4,7 +4,7 @@ Rerun the committed command on a clean checkout (a separate clone, so the record
 clean), then point this script at the rerun's ``results/`` directory::
 
     git clone -q . /tmp/repro && (cd /tmp/repro && make venv && make voc07-1scale)
-    .venv/bin/python scripts/repro_check.py --name voc07_mnv2_1scale \\
+    .venv/bin/python -m experiments.repro_check --name voc07_mnv2_1scale \\
         --rerun /tmp/repro/results --out results/reproductions/voc07_mnv2_1scale.json
 
 Prints one row per variant (committed mAP, rerun mAP, difference) and writes the comparison,
@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.repro import NotAReproductionError, compare_results
 from sppdet.bench import provenance
-from sppdet.repro import NotAReproductionError, compare_results
 from sppdet.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,11 @@ def main() -> int:
         )
     print(f"reproduced within {args.tol} points: {out['reproduced']}")
     if args.out:
-        record = {"name": args.name, **out, **provenance(["python", "scripts/repro_check.py"])}
+        record = {
+            "name": args.name,
+            **out,
+            **provenance(["python", "-m", "experiments.repro_check"]),
+        }
         atomic_write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0 if out["reproduced"] else 1

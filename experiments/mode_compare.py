@@ -25,7 +25,7 @@ PNG beside it.
 
 Usage::
 
-    .venv/bin/python scripts/mode_compare.py --config configs/voc07_mnv2_300.yaml \\
+    .venv/bin/python -m experiments.mode_compare --config configs/voc07_mnv2_300.yaml \\
         --run runs/cmp300 --limit-train 300 --limit-val 300 \\
         --out results/mode_compare_voc300.json [--phase all] [--modes rcnn,spp,spp5]
 """
@@ -39,9 +39,9 @@ import sys
 import threading
 from pathlib import Path
 
+from experiments.stages import Stage, read_record, run_lanes
 from sppdet.bench import machine
 from sppdet.run import CONFIG_FILE, load_yaml
-from sppdet.stages import Stage, read_record, run_lanes
 from sppdet.storage import atomic_write_json, git_commit, read_json
 from sppdet.viz import plot_ap_comparison
 
@@ -225,7 +225,7 @@ def _write_results(args: argparse.Namespace) -> None:
             }
             for m in args.modes
         },  # fmt: skip
-        "command": shlex.join(["python", "scripts/mode_compare.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "experiments.mode_compare", *sys.argv[1:]]),
         "commit_of_results_script": git_commit(ROOT),
         "machine": machine(),
     }
