@@ -1,18 +1,12 @@
 #!/usr/bin/env bash
-# make bench: benchmarks whose results go to benchmarks/*.json (with machine and commit).
-# Speed targets live here, not in timed unit tests; ratios are measured side by side in one run.
+# make bench: benchmarks whose results go to benchmarks/*.json (with machine and commit), shown
+# in docs/speed.md. Speed targets live here, not in timed unit tests; ratios are measured side by
+# side in one run. (The devkit-exactness of sppdet eval is a test: tests/test_voc_eval_devkit.py.)
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 mkdir -p benchmarks
 # Batched SPP pooling vs a per-window loop: 2,000 windows on a [256, 43, 57] map, 2 threads.
 "$BIN/python" scripts/bench_spp.py --threads 2 --out benchmarks/spp_pool.json
-# Devkit-exactness of sppdet eval on the real VOC2007 val split (needs ../shared).
-if [ -d ../shared/data/VOCdevkit ]; then
-    "$BIN/python" scripts/check_voc_eval.py --devkit ../shared/data/VOCdevkit --split val \
-        --out runs/eval_check --report benchmarks/voc_eval_check.json
-else
-    echo "skipping the VOC eval check: ../shared/data/VOCdevkit not found"
-fi
 # Stripe tiling of the trunk (sppdet/tiling.py): same maps? how much faster? 20 val images at the
 # five scales, tiling off and on alternately, float32 and bf16 conv.
 WEIGHTS=../shared/weights/mobilenet_v2_features_imagenet.pth
@@ -36,7 +30,7 @@ if [ -f "$BENCH_RUN/svm_fc7/svm.npz" ] && [ -d ../shared/data/VOCdevkit ]; then
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/sppdet" bench --devkit ../shared/data/VOCdevkit \
         --split val --limit "${BENCH_LIMIT:-10}" --run "$BENCH_RUN" --name "bench_voc07_val_cpu" --quiet
     # The same, right after, with every method's conv trunk in float32 (the default, --conv-dtype
-    # auto, is bf16 on CPUs with AVX512-BF16 / AMX; its mAP cost: scripts/conv_dtype.py).
+    # auto, is bf16 on CPUs with AVX512-BF16 / AMX; its mAP cost: docs/fast_path.md).
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/sppdet" bench --devkit ../shared/data/VOCdevkit \
         --split val --limit "${BENCH_LIMIT:-10}" --run "$BENCH_RUN" \
         --name "bench_voc07_val_cpu_fp32conv" --quiet --conv-dtype float32

@@ -53,7 +53,7 @@ def main() -> int:
             p.error(f"unknown --variants {unknown}; expected some of {sorted(variants)}")
         variants = {k: variants[k] for k in ["fc7_bb_exact", *wanted]}
     # RUN/eval/fastpath_<split>_<variant>/: apart from the ablation rows (<split>_<variant>)
-    # that scripts/voc07.py turns into results files.
+    # that experiments.voc07 turns into results files.
     prefix = f"fastpath_{args.split}_"
     names = {prefix + k: v for k, v in variants.items()}
     results = evaluate_variants(run, args.split, names, devkit=args.devkit, limit=args.limit)
