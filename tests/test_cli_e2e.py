@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import traceback
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 
 from sppdet.features import FeatureConfig
 from sppdet_cli.main import cli
+from tests.devkit_port import read_annotation, vocevaldet
 
 CONFIG = """\
 features:
@@ -67,6 +67,27 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def devkit_aps(data: Path, dets_dir: Path, classes, limit: int | None = None) -> dict:
+    """Each class's VOC07 AP of a directory's comp4 files, by the independent devkit port."""
+    root = data / "VOC2007"
+    ids = (root / "ImageSets/Main/val.txt").read_text().split()[:limit]
+    recs = {i: read_annotation(root / "Annotations" / f"{i}.xml") for i in ids}
+    return {
+        c: vocevaldet(ids, recs, c, dets_dir / f"comp4_det_val_{c}.txt", use_07=True)
+        for c in classes
+    }
+
+
+def comp4_scores(folder: Path, classes: tuple[str, ...]) -> dict[tuple, float]:
+    """(class, image, box text) -> score of every line of a directory's comp4 files."""
+    out = {}
+    for c in classes:
+        for line in (folder / f"comp4_det_val_{c}.txt").read_text().splitlines():
+            image, score, *box = line.split()
+            out[(c, image, *box)] = float(score)
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """make-synthetic -> extract -> train, once for the module; returns the paths."""
@@ -100,13 +121,11 @@ def test_eval_of_the_run_and_of_its_comp4_files_agree(trained):
     )
     assert "mAP" in out.output
     r1 = json.loads(j1.read_text())
-    assert 0.0 <= r1["map"] <= 1.0
     assert set(r1["ap"]) == set(classes) == {"disc", "square", "triangle", "star"}
-    assert all(0.0 <= v <= 1.0 for v in r1["ap"].values())
     assert r1["map"] == pytest.approx(sum(r1["ap"].values()) / len(classes))
     dets_dir = run / "eval" / "val"
-    for c in classes:
-        assert (dets_dir / f"comp4_det_val_{c}.txt").is_file()
+    # every class's AP again, from the comp4 files by the independent port of the devkit
+    assert r1["ap"] == pytest.approx(devkit_aps(data, dets_dir, classes), abs=1e-9)
     summary = json.loads((dets_dir / "eval.json").read_text())
     assert summary["images"] == 8 and summary["map"] == r1["map"]
 
@@ -158,9 +177,9 @@ def test_second_train_is_a_no_op(trained, caplog):
     outputs = [run / "finetune/model.pt", run / "svm_fc7/svm.npz", run / "bbox/bbox.npz"]
     before = {p: (sha256(p), p.stat().st_mtime_ns) for p in outputs}
     caplog.set_level(logging.INFO, logger="sppdet")
-    t0 = time.perf_counter()
+    # No wall-time assert: unchanged bytes and mtimes show nothing was retrained, and timings on
+    # a shared machine belong to `make bench`, not to a pass/fail test.
     invoke("train", run, "--quiet")
-    assert time.perf_counter() - t0 < 10.0
     assert {p: (sha256(p), p.stat().st_mtime_ns) for p in outputs} == before
     messages = caplog.text
     assert "fine-tuning already done" in messages
@@ -169,29 +188,34 @@ def test_second_train_is_a_no_op(trained, caplog):
 
 
 def test_eval_fast_path_variants_in_one_pass(trained):
-    """Dedup is exact: the same detections as without it; SVD / bf16 / int8 variants are
-    evaluated, each one change to the exact float32 row (the run's default fc is int8)."""
-    data, run, root = trained["data"], trained["run"], trained["root"]
+    """Each speed setting is one change to the exact float32 row, evaluated in the same pass:
+    dedup and a full-rank SVD give the exact detections up to rounding, int8 fc6/fc7 scores
+    track the exact ones without being them, and the trained detector beats chance."""
+    data, run, root, classes = trained["data"], trained["run"], trained["root"], trained["classes"]
     out_json = root / "fast.json"
     args = ("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val")
     invoke(*args, "--ablations", "--fast-path", "--json", out_json)
     res = json.loads(out_json.read_text())
     names = ("exact", "nodedup", "svd512_128", "bf16", "int8")
     assert {"val_fc7_bb", *(f"val_fc7_bb_{n}" for n in names)} <= set(res)
+    # 30 fine-tuning steps on 8 images: far from the demo, but well above random scores
+    assert res["val_fc7_bb"]["map"] > 2 * res["val_random"]["map"]
     assert res["val_fc7_bb_nodedup"] == res["val_fc7_bb_exact"]
-    # the run's default (auto -> int8 on this CPU) is the int8 variant, detection for detection
-    assert res["val_fc7_bb_int8"] == res["val_fc7_bb"]
-    comp4 = "comp4_det_val_disc.txt"
-    exact = (run / "eval" / "val_fc7_bb_exact" / comp4).read_text().split()
-    nodedup = (run / "eval" / "val_fc7_bb_nodedup" / comp4).read_text().split()
+    exact = comp4_scores(run / "eval" / "val_fc7_bb_exact", classes)
     # same rows; scores equal up to float rounding (the fc matmul sees a different row count)
-    assert len(exact) == len(nodedup) > 0
-    assert np.allclose(
-        np.float64(exact).reshape(-1, 6), np.float64(nodedup).reshape(-1, 6), atol=1e-5
-    )
-    # hidden width 32 < rank 512: the "truncated" SVD keeps every singular value
-    full_rank = res["val_fc7_bb_svd512_128"]["map"]
-    assert full_rank == pytest.approx(res["val_fc7_bb_exact"]["map"], abs=0.02)
+    # and, for the SVD, up to the float64 factorisation: hidden width 32 < ranks 512 / 128, so
+    # both layers are factorised at full rank, which reproduces them if the SVD is right
+    for variant in ("nodedup", "svd512_128"):
+        other = comp4_scores(run / "eval" / f"val_fc7_bb_{variant}", classes)
+        assert other.keys() == exact.keys() and len(exact) > 0, variant
+        assert max(abs(other[k] - exact[k]) for k in exact) < 1e-4, variant
+    # int8 fc6/fc7: the same windows score within a few hundredths of the exact path, and
+    # differ from it (quantisation is applied); NMS may keep a few other windows
+    int8 = comp4_scores(run / "eval" / "val_fc7_bb_int8", classes)
+    both = exact.keys() & int8.keys()
+    assert len(both) > len(exact) / 2
+    diffs = np.array([abs(int8[k] - exact[k]) for k in both])
+    assert diffs.max() < 0.15 and np.median(diffs) > 1e-4
     bad = CliRunner().invoke(
         cli,
         [
@@ -272,7 +296,9 @@ def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path, monkeypatc
     j = tmp_path / "eval.json"
     invoke("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val",
            "--limit", 3, "--json", j)  # fmt: skip
-    assert 0.0 <= json.loads(j.read_text())["map"] <= 1.0
+    scored = json.loads(j.read_text())["ap"]
+    dets_dir = run / "eval" / "val"
+    assert scored == pytest.approx(devkit_aps(data, dets_dir, trained["classes"], 3), abs=1e-9)
     bad = CliRunner().invoke(cli, ["train", str(trained["run"]), "--mode", "rcnn"])
     assert bad.exit_code != 0 and "'spp' run" in bad.output
 

@@ -98,9 +98,16 @@ def test_stripe_trunk_falls_back_when_the_walk_is_wrong_or_off():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(out(x), trunk(x))
-    assert stripe_trunk(small_trunk(), 0, lambda m: m) is not None
-    assert not isinstance(stripe_trunk(small_trunk(), 0, lambda m: m), StripedTrunk)
-    assert isinstance(stripe_trunk(small_trunk(), 1024, lambda m: m), StripedTrunk)
+    # tiling off: the optimized plain trunk itself, optimized once as a whole
+    plain, optimized = small_trunk(), []
+    assert stripe_trunk(plain, 0, lambda m: optimized.append(m) or m) is plain
+    assert optimized == [plain]
+    # on: its head and tail optimized apart, giving the plain trunk's maps
+    striped = stripe_trunk(small_trunk(), 1024, lambda m: m)
+    assert isinstance(striped, StripedTrunk)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(striped(x), plain(x))
 
 
 def test_stripe_pixels_setting():
