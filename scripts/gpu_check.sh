@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7, deliverable 4: the whole pipeline on a GPU, in one call of the device tool (a GPU
-# machine is lent to some sessions only, 15 minutes of device time in all; see README).
+# machine is lent to some sessions only, 15 minutes of device time in all; see docs/reproducing.md).
 #
 # Here, first (CPU, a minute): pack what the GPU machine cannot reach (../shared does not
 # travel; its python has torch but not our pins, pycocotools or opencv-contrib):

@@ -4,11 +4,11 @@ At ~2,000 windows per image the fc layers cost about as much as the conv pass on
 decide SPP-net's speed. Fast R-CNN (Girshick 2015, section 3.1) factorises each fc weight
 ``W [out, in] ~= U_r S_r V_r^T`` and runs it as two thinner layers, ``x -> (S_r V_r^T) x -> U_r
 (.) + b``: ``r (in + out)`` multiply-adds instead of ``in * out``. Whether it is worth its mAP
-cost is measured by ``sppdet bench`` / ``eval --ablations`` (README, issue 7).
+cost is measured by ``sppdet bench`` / ``eval --ablations`` (docs/fast_path.md).
 
 ``fc_dtype="int8"`` runs fc6 and fc7 as int8 x int8 -> int32 matmuls (:class:`Int8Linear`):
 weights quantized once per output channel, activations per row at each call. On the 2-core AMD
-EPYC (AVX512-VNNI) of the README's benchmarks the fc stage ran 3.7-4.2x faster than float32 at
+EPYC (AVX512-VNNI) of docs/fast_path.md the fc stage ran 3.7-4.2x faster than float32 at
 no measurable mAP cost, and unlike SVD it keeps every weight direction.
 
 ``conv_dtype`` (:class:`AutocastTrunk`) runs the conv trunk itself under autocast: bfloat16 on
@@ -146,7 +146,7 @@ def _fold_standardization(head: nn.Module) -> nn.Linear:
 
 def resolve_fc_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` -> the fastest fc setting measured within 0.3 mAP points of the exact path on
-    that device: ``int8`` on a CPU (README, fast test path), ``float32`` elsewhere (no GPU
+    that device: ``int8`` on a CPU (docs/fast_path.md), ``float32`` elsewhere (no GPU
     setting has been measured for its mAP yet). Other values are returned as they are."""
     if dtype != "auto":
         return dtype
@@ -189,8 +189,9 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_conv_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` (test time only) -> ``bfloat16`` on a CPU with native bf16
-    (:func:`cpu_has_native_bf16`; measured within 0.3 mAP points of float32 on VOC07 val, README),
-    ``float32`` elsewhere (CUDA's float32 convs already use TF32; fp16 is unmeasured there)."""
+    (:func:`cpu_has_native_bf16`; within 0.3 mAP points of float32 on VOC07 val,
+    docs/fast_path.md), ``float32`` elsewhere (CUDA's float32 convs already use TF32; fp16 is
+    unmeasured there)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"

@@ -58,16 +58,16 @@ _PRESETS = {
 class ProposalConfig:
     """How proposals are computed. Every field changes the boxes, so all enter the cache key."""
 
-    backend: str = "opencv"  # better recall per second on VOC07 val of the two (README table)
+    backend: str = "opencv"  # better recall per second on VOC07 val of the two (docs/proposals.md)
     mode: str = "custom"  # the fields below; "fast" / "quality" are Uijlings et al.'s presets
     color_spaces: tuple[str, ...] = ("hsv", "lab")  # SPEC 1 / Uijlings et al. fast mode
     ks: tuple[int, ...] = (50, 100)  # fast mode; with max_side 450 it reached recall@0.5 0.953
-    # at 1,717 boxes and 0.84 s/img on 40 VOC07 val images (README table; k 150 added nothing)
+    # at 1,717 boxes and 0.84 s/img on 40 VOC07 val images (docs/proposals.md; k 150 added nothing)
     strategies: tuple[str, ...] = ("CTSF", "TSF")  # Uijlings et al. fast mode (SPEC 1)
     sigma: float = 0.8  # Felzenszwalb smoothing, R-CNN selective_search_boxes.m
     segment_min_size: int | None = None  # Felzenszwalb min segment; None = k (R-CNN: minSize = k)
     max_side: int = 450  # downscale longer side to this (0: never). R-CNN resizes to width 500;
-    # 450 kept recall@0.5/0.7 on 40 VOC07 val images and cut the time by 30 % (README table)
+    # 450 kept recall@0.5/0.7 on 40 VOC07 val images and cut the time by 30 % (docs/proposals.md)
     min_size: int = 20  # drop boxes with a side < this, in input pixels (R-CNN minBoxWidth = 20)
     max_boxes: int = 0  # keep the first N in rank order (0: all; R-CNN keeps all)
     seed: int = 1  # ranking randomness (Uijlings et al. 3.3); 1 = glibc's default srand seed
