@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from sppdet.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0_trunk, remap_state
 from sppdet.errors import ConfigError, SppdetError
 from sppdet.storage import file_sha256
 
@@ -96,6 +97,43 @@ def _mnv2_576_tap(full: nn.Module) -> nn.Module:
     return nn.Sequential(*blocks[:14], blocks[14].conv[0])
 
 
+def dilate_to_stride16(blocks: list[nn.Module]) -> list[nn.Module]:
+    """Keep ``blocks`` (which follow a stride-16 map) at stride 16: DeepLab's atrous rule.
+
+    The first stride-2 conv becomes stride 1 and every spatial conv after it is dilated by 2
+    with padding ``2 * (k // 2)``, so each one sees the same input pixels it saw at stride 32
+    (Chen et al., DeepLab, section 3.1; TF-slim MobileNet's ``output_stride``). Centres stay
+    on ``16 * j``: :func:`measure_geometry` confirms stride 16, offset 0 (tests). Modifies the
+    blocks in place and returns them; idempotent (a converted conv remembers its stride),
+    since weight loading may cut the same trunk twice.
+    """
+    rate = 1
+    for block in blocks:
+        for conv in block.modules():
+            if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1):
+                continue
+            stride = getattr(conv, "atrous_stride", conv.stride[0])
+            if stride != 1:
+                conv.atrous_stride = stride
+                conv.stride = (1, 1)  # the strided conv itself keeps rate 1 (TF-slim)
+                rate *= stride
+                continue
+            k = conv.kernel_size[0]
+            conv.dilation = (rate, rate)
+            conv.padding = (rate * (k // 2), rate * (k // 2))
+    return blocks
+
+
+def _mnv2_dilated_tap(last: int) -> Callable[[nn.Module], nn.Module]:
+    """MobileNetV2 up to ``features[last]`` with blocks 14.. kept at stride 16 (dilated)."""
+
+    def tap(full: nn.Module) -> nn.Module:
+        blocks = list(full.children())
+        return nn.Sequential(*blocks[:14], *dilate_to_stride16(blocks[14 : last + 1]))
+
+    return tap
+
+
 #: name -> (spec, builder of the full trunk, function cutting the trunk at the tap)
 _TABLE: dict[str, tuple[BackboneSpec, Callable[[], nn.Module], Callable[[nn.Module], nn.Module]]]
 _TABLE = {
@@ -128,6 +166,49 @@ _TABLE = {
         ),
         lambda: _tv_features("mobilenet_v2"),
         _mnv2_576_tap,
+    ),
+    "mobilenet_v2_d17": (
+        BackboneSpec(
+            "mobilenet_v2_d17",
+            16,
+            320,
+            0.0,
+            "features[17] (320 ch) with features[14..17] dilated to stride 16 (DeepLab): all "
+            "inverted-residual blocks, at conv5's stride",
+            "mobilenet_v2",
+        ),
+        lambda: _tv_features("mobilenet_v2"),
+        _mnv2_dilated_tap(17),
+    ),
+    "mobilenet_v2_d18": (
+        BackboneSpec(
+            "mobilenet_v2_d18",
+            16,
+            1280,
+            0.0,
+            "features[18] (the 1280-ch last conv) with features[14..17] dilated to stride 16: "
+            "the whole ImageNet trunk at conv5's stride",
+            "mobilenet_v2",
+        ),
+        lambda: _tv_features("mobilenet_v2"),
+        _mnv2_dilated_tap(18),
+    ),
+    "efficientnet_lite0_d": (
+        BackboneSpec(
+            "efficientnet_lite0_d",
+            16,
+            320,
+            0.0,
+            "block 15 (320 ch, the last MBConv) with blocks 11..15 dilated to stride 16 "
+            "(DeepLab): EfficientNet-Lite0's whole MBConv stack at conv5's stride",
+            None,
+            mean=LITE_MEAN,
+            std=LITE_STD,
+        ),
+        efficientnet_lite0_trunk,
+        lambda full: nn.Sequential(
+            *list(full.children())[:12], *dilate_to_stride16(list(full.children())[12:17])
+        ),
     ),
     "alexnet": (
         BackboneSpec("alexnet", 16, 256, 15.0, "conv5 + ReLU, before the last max pool", "alexnet"),
@@ -223,6 +304,7 @@ def _load_state(full: nn.Module, tap: Callable[[nn.Module], nn.Module], path: Pa
         raise SppdetError(f"cannot read weights {path}: {exc}") from exc
     if not isinstance(state, dict):
         raise SppdetError(f"weights {path} is not a state_dict")
+    state = remap_state(state)  # EfficientNet-Lite's own key layout
     if any(k.startswith("features.") for k in state):
         state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     errors = []

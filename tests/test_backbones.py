@@ -27,6 +27,9 @@ GEOMETRY_SIZE = {
     "zf5": 192,
     "mobilenet_v2": 320,
     "mobilenet_v2_576": 320,
+    "mobilenet_v2_d17": 640,  # dilated blocks: a wider receptive field at stride 16
+    "mobilenet_v2_d18": 640,
+    "efficientnet_lite0_d": 960,  # dilated 5x5 depthwise convs
     "alexnet": 256,
     "vgg16": 256,
     "resnet18": 256,
@@ -276,3 +279,48 @@ def test_optimized_trunk_computes_the_same_maps(name):
         ref = net(x)
         got = fast(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_dilated_taps_keep_the_stride16_map_and_load_full_trunk_weights(tmp_path):
+    # DeepLab's rule: features[14]'s stride-2 conv becomes stride 1 and the later depthwise
+    # convs are dilated by 2, so the 320 / 1280-ch maps have features[13]'s size.
+    import torchvision
+
+    full = torchvision.models.mobilenet_v2().features
+    torch.save(full.state_dict(), tmp_path / "mnv2.pth")
+    x = torch.rand(1, 3, 96, 160)
+    base = build_backbone("mobilenet_v2", str(tmp_path / "mnv2.pth"))(x)
+    for name, ch in (("mobilenet_v2_d17", 320), ("mobilenet_v2_d18", 1280)):
+        net = build_backbone(name, str(tmp_path / "mnv2.pth"))
+        out = net(x)
+        assert out.shape == (1, ch, *base.shape[-2:])
+        dw = [m for m in net[14:].modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+        assert [m.stride for m in dw] == [(1, 1)] * len(dw)
+        assert [m.dilation[0] for m in dw] == [1] + [2] * (len(dw) - 1)
+        # the weights are the file's (strict load), not a random init
+        torch.testing.assert_close(net[17].conv[2].weight, full[17].conv[2].weight)
+
+
+def test_efficientnet_lite_weights_in_their_own_layout_load_strictly(tmp_path):
+    # The shared file uses efficientnet-lite-pytorch's keys (_conv_stem, _blocks.i.*,
+    # _conv_head, _fc): write a random trunk in that layout and load it through the table.
+    from sppdet.efficientnet_lite import efficientnet_lite0_trunk
+
+    trunk = efficientnet_lite0_trunk()
+    last = len(trunk) - 1
+    names = {"0.0.": "_conv_stem.", "0.1.": "_bn0.", f"{last}.0.": "_conv_head."}
+    names[f"{last}.1."] = "_bn1."
+    theirs = {}
+    for key, value in trunk.state_dict().items():
+        head = next((o for o in names if key.startswith(o)), None)
+        if head is not None:
+            theirs[names[head] + key[len(head) :]] = value
+        else:
+            i, rest = key.split(".", 1)
+            theirs[f"_blocks.{int(i) - 1}.{rest}"] = value
+    theirs["_fc.weight"] = torch.zeros(1000, 1280)  # the ImageNet classifier is dropped
+    torch.save(theirs, tmp_path / "lite0.pth")
+    net = build_backbone("efficientnet_lite0_d", str(tmp_path / "lite0.pth"))
+    torch.testing.assert_close(net[16]._project_conv.weight, trunk[16]._project_conv.weight)
+    out = net(torch.rand(1, 3, 96, 128))
+    assert out.shape == (1, 320, 6, 8)  # stride 16, 320 channels
