@@ -334,6 +334,24 @@ def test_spp_pool_gradient_equals_adaptive_pool_gradient():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_spp_pool_with_gradients_equals_naive_on_channels_last_maps():
+    # Fine-tuning pools the output of channels-last conv blocks, with gradients on: values
+    # equal the float64 reference, and the gradient of each output lands on its arg-max cell.
+    gen = torch.Generator().manual_seed(13)
+    c, h, w = 4, 9, 11
+    base = torch.randperm(c * h * w, generator=gen).double().reshape(1, c, h, w)
+    fmap = base.contiguous(memory_format=torch.channels_last)[0].requires_grad_(True)
+    windows = random_windows(gen, h, w, 12)
+    out = spp_pool(fmap, windows, (6, 3, 2, 1))
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), naive_spp(base[0], windows, (6, 3, 2, 1)))
+    pick = torch.zeros_like(out)
+    pick[3, 7] = 1.0  # one output value: its gradient is a single 1 on the max cell
+    (grad,) = torch.autograd.grad(out, fmap, pick)
+    assert grad.sum() == 1.0 and grad.max() == 1.0
+    assert fmap.detach().flatten()[grad.flatten().argmax()] == out[3, 7]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_spp_pool_cuda_equals_cpu():
