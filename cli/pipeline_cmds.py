@@ -38,6 +38,11 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--weights", help="random, imagenet (torchvision download) or a state_dict PATH.")
 @click.option("--scales", help="Shorter sides: 688, '480,576,688,864,1200', or 1 / 5 presets.")
 @click.option("--max-size", type=int, help="Cap on the longer side (default 2000).")
+@click.option(
+    "--top-blocks",
+    type=click.IntRange(min=0),
+    help="Last N trunk blocks run after the cache (so finetune --conv-blocks can train them).",
+)
 @click.option("--limit", type=int, help="First N images of the split only.")
 @click.option(
     "--train-split",
@@ -66,6 +71,7 @@ def extract_command(
     weights,
     scales,
     max_size,
+    top_blocks,
     limit,
     train_split,
     import_path,
@@ -92,6 +98,7 @@ def extract_command(
             "weights": weights,
             "scales": _scales(scales),
             "max_size": max_size,
+            "top_blocks": top_blocks,
             "cache": False if no_cache else None,
             "mode": mode,
         },
@@ -136,13 +143,26 @@ def open_run(run_dir, mode: str | None = None):
 
 @click.command("finetune")
 @_RUN
+@click.option(
+    "--conv-blocks",
+    type=click.IntRange(min=0),
+    help="Top conv blocks trained through the SPP layer with fc6/fc7 (at most the run's "
+    "features.top_blocks; 0 = conv frozen as in the paper). Default: the run's config.",
+)
+@click.option(
+    "--conv-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate of those conv blocks (default: the run's finetune.conv_lr).",
+)
 @_QUIET
 @MODE
-def finetune_command(run_dir, quiet, mode):
-    """Fine-tune fc6/fc7/classifier on SPP vectors (conv layers frozen)."""
+def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
+    """Fine-tune fc6/fc7/classifier on SPP vectors (and with --conv-blocks the top conv
+    blocks); the settings given here are written to the run's config.yaml."""
     from sppdet.train import run_finetune
 
-    m = run_finetune(open_run(run_dir, mode), progress=not quiet)
+    run = open_run(run_dir, mode).with_finetune(conv_blocks=conv_blocks, conv_lr=conv_lr)
+    m = run_finetune(run, progress=not quiet)
     click.echo(f"finetune: loss {m['final_loss']:.3f}, held-out accuracy {m['heldout_accuracy']}")
 
 

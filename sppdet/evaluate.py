@@ -37,6 +37,7 @@ def load_detector(
     cfg = run.config.test if test is None else test
     head_path = run.path("finetune", "model.pt")
     need_head = cfg.scorer == "softmax" or (cfg.scorer == "svm" and cfg.layer != "pool5")
+    extractor = _extractor_for(run, cfg, need_head)
     if need_head and not head_path.exists():
         raise SppdetError(f"no fine-tuned model at {head_path}; run `sppdet train {run.root}`")
     head = load_head(head_path, run.device) if head_path.exists() else None
@@ -51,7 +52,7 @@ def load_detector(
     if classes is None:
         classes = run.dataset().classes if run.config.data.devkit else _classes_from_stats(run)
     return Detector(
-        run.extractor,
+        extractor,
         run.config.spp,
         head,
         svms,
@@ -61,6 +62,18 @@ def load_detector(
         cfg,
         propose=lambda image: propose(image, run.config.proposals),
     )
+
+
+def _extractor_for(run: Run, cfg: TestConfig, need_head: bool):
+    """The trunk a test variant runs: fine-tuned when its scorer or its box regressors were
+    trained on the fine-tuned trunk (``finetune.conv_blocks``), else the frozen one."""
+    tuned_bbox = cfg.bbox_reg and run.config.finetune.conv_blocks > 0
+    if cfg.scorer == "svm" and cfg.layer == "pool5" and tuned_bbox:
+        raise SppdetError(
+            "pool5 SVMs score the frozen trunk's vectors but this run's box regressors were "
+            "trained on the fine-tuned trunk: evaluate pool5 SVMs without box regression"
+        )
+    return run.tuned_extractor if (need_head or tuned_bbox) else run.extractor
 
 
 #: The paper's ablation rows (table 10) plus the fine-tuned softmax (Fast R-CNN): name -> test
@@ -178,9 +191,10 @@ def evaluate_variants(
         size = (rec.height, rec.width)
         detect = _image_detect(provider, rec, size, props.boxes_for(rec.image_id))
         conv = time.perf_counter() - t0
-        shared: dict = {}
+        # one shared memo per trunk: frozen and fine-tuned trunks give different vectors
+        shared: dict = defaultdict(dict)
         for name, detector in detectors.items():
-            dets = detect(detector, shared)
+            dets = detect(detector, shared[detector.extractor.trunk_id])
             times[name]["conv"] += conv
             for k, v in dets.timings.items():
                 times[name][k] += v
@@ -204,8 +218,16 @@ def _image_detect(provider, rec, size, boxes):
         loader = lambda: load_image(rec.path)  # noqa: E731
         pool = lambda b: (provider.pool5(rec.image_id, size, loader, b), None)  # noqa: E731
         return lambda det, shared: det.detect_with(pool, size, boxes, shared)
-    maps = provider.maps(rec.image_id, size, lambda: load_image(rec.path))
-    return lambda det, shared: det.detect_maps(maps, size, boxes, shared)
+    lower = provider.lower_maps(rec.image_id, size, lambda: load_image(rec.path))
+    tops: dict = {}  # the trunk's top blocks run once per image and trunk
+
+    def detect(det, shared):
+        ext = det.extractor
+        if ext.trunk_id not in tops:
+            tops[ext.trunk_id] = [ext.apply_top(m) for m in lower]
+        return det.detect_maps(tops[ext.trunk_id], size, boxes, shared)
+
+    return detect
 
 
 def _collect(per_class: dict, image_id: str, dets) -> None:

@@ -8,6 +8,7 @@ Shape shorthand: ``C`` channels, ``h x w`` map cells, ``N`` windows, ``D = C * B
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sppdet.backbones import (
     BackboneSpec,
@@ -64,6 +65,10 @@ class FeatureConfig:
     # about this many input pixels, so their activations stay in cache (exact: sppdet.tiling);
     # -1 = auto (sppdet.tiling.DEFAULT_STRIPE_PIXELS on a CPU, off on CUDA), 0 = off. Like
     # fuse_bn and channels_last it is not in the cache manifest: same maps up to float rounding
+    top_blocks: int = 0  # the last N blocks of the tapped trunk run after the cache, in every
+    # stage: the cache holds the map below them, so fine-tuning can train up to N of them
+    # through the SPP layer (finetune.conv_blocks; Fast R-CNN 4.5) while the frozen lower part
+    # runs once per image, scale and flip. 0: the cache holds the tapped map itself
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,13 @@ MODES = ("spp", "rcnn")
 
 
 class FeatureExtractor:
-    """A frozen backbone on a device that turns an RGB image into its pyramid of conv maps."""
+    """A backbone on a device that turns an RGB image into its pyramid of conv maps.
+
+    The tapped trunk is split in two (``features.top_blocks``): ``net`` (frozen, its output is
+    what the cache holds) and ``top_module`` (its last ``top_blocks`` blocks, run on the cached
+    map by :meth:`apply_top`; ImageNet weights, or fine-tuned ones after :meth:`with_top`).
+    ``trunk_id`` says which: "frozen" or the fine-tuned model's id.
+    """
 
     def __init__(self, config: FeatureConfig, device: torch.device | str = "cpu") -> None:
         if config.mode not in MODES:
@@ -96,30 +107,70 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.spec: BackboneSpec = backbone_spec(config.backbone)
         net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
+        lower, self.top_module = split_top(net, config.top_blocks, config.mode)
         self.net = stripe_trunk(
-            net,
+            lower,
             stripe_pixels(config.stripe_pixels, self.device),
-            lambda m: optimize_for_inference(
-                m, fuse_bn=config.fuse_bn, channels_last=config.channels_last
-            ),
+            self._optimized,
         )
         if check_conv_dtype(config.conv_dtype, self.device) != "float32":
             self.net = AutocastTrunk(self.net, self.device.type, config.conv_dtype)
+        self.trunk_id = "frozen"
+        self._top = self._inference_top(self.top_module)
+
+    def _optimized(self, module: nn.Module) -> nn.Module:
+        c = self.config
+        return optimize_for_inference(module, fuse_bn=c.fuse_bn, channels_last=c.channels_last)
+
+    def _inference_top(self, top: nn.Module | None) -> nn.Module | None:
+        if top is None:
+            return None
+        out = self._optimized(top)
+        if self.config.conv_dtype != "float32":
+            out = AutocastTrunk(out, self.device.type, self.config.conv_dtype)
+        return out
+
+    def with_top(self, state: dict, trunk_id: str) -> FeatureExtractor:
+        """This extractor with fine-tuned weights ``state`` in its top blocks (same cache)."""
+        if self.top_module is None:
+            raise ConfigError("the model has fine-tuned conv blocks but features.top_blocks is 0")
+        top = copy.deepcopy(self.top_module)
+        top.load_state_dict(state)
+        out = copy.copy(self)
+        out.top_module, out._top, out.trunk_id = top.eval(), out._inference_top(top), trunk_id
+        return out
 
     @property
     def dim(self) -> int:
         return self.spec.channels
 
+    @torch.inference_mode()
+    def apply_top(self, m: ScaleMap) -> ScaleMap:
+        """The tapped map from a cached one: ``top_module`` on ``m.fmap`` (identity if none)."""
+        if self._top is None:
+            return m
+        x = m.fmap.unsqueeze(0)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return ScaleMap(self._top(x)[0].float().contiguous(), m.factor)
+
     def factors(self, height: int, width: int) -> list[float]:
         """Resize factor of each configured scale for an image of this size."""
         return [scale_factor(height, width, s, self.config.max_size) for s in self.config.scales]
 
-    @torch.inference_mode()
     def compute(
         self, image: np.ndarray, *, flip: bool = False, scales: Sequence[int] | None = None
     ) -> list[ScaleMap]:
         """Conv maps of ``image`` (uint8 ``[H, W, 3]`` RGB) at every configured scale (or at
         the subset ``scales``, in configured order), float32 on the device."""
+        lower = self.compute_lower(image, flip=flip, scales=scales)
+        return [self.apply_top(m) for m in lower]
+
+    @torch.inference_mode()
+    def compute_lower(
+        self, image: np.ndarray, *, flip: bool = False, scales: Sequence[int] | None = None
+    ) -> list[ScaleMap]:
+        """What the cache holds: :meth:`compute` without the top blocks."""
         if flip:
             image = image[:, ::-1]
         h, w = image.shape[:2]
@@ -149,7 +200,10 @@ class FeatureExtractor:
         )
         # absent at float32, so caches made before the setting existed stay valid
         conv = {"conv_dtype": c.conv_dtype} if c.conv_dtype != "float32" else {}
+        # the cache holds the frozen map below the top blocks, never a fine-tuned trunk's
+        top = {"top_blocks": c.top_blocks, "cached": "frozen trunk"} if c.top_blocks else {}
         return {
+            **top,
             **rcnn,  # absent in SPP mode, so SPP caches made before R-CNN mode stay valid
             **conv,
             "kind": "conv_feature_maps",
@@ -216,7 +270,21 @@ class MapProvider:
 
         ``scales`` picks a subset of the configured scales (fine-tuning uses one random scale).
         The resize factors are recomputed from ``size``, so cached maps need no side files.
+        The extractor's top blocks run on the cached maps (:meth:`FeatureExtractor.apply_top`).
         """
+        lower = self.lower_maps(image_id, size, load_image, flip=flip, scales=scales)
+        return [self.extractor.apply_top(m) for m in lower]
+
+    def lower_maps(
+        self,
+        image_id: str,
+        size: tuple[int, int],
+        load_image,
+        *,
+        flip: bool = False,
+        scales: Sequence[int] | None = None,
+    ) -> list[ScaleMap]:
+        """The cached (frozen) maps below the top blocks; computed and stored on a miss."""
         all_scales = self.extractor.config.scales
         want = tuple(s for s in all_scales if scales is None or s in scales)
         factors = dict(zip(all_scales, self.extractor.factors(*size), strict=True))
@@ -231,7 +299,7 @@ class MapProvider:
         if missing:
             # Only the missing scales are computed: fine-tuning draws one random scale of a
             # (flipped) image, and a 5-scale miss would otherwise cost all five conv passes.
-            maps = self.extractor.compute(load_image(), flip=flip, scales=missing)
+            maps = self.extractor.compute_lower(load_image(), flip=flip, scales=missing)
             for s, m in zip(missing, maps, strict=True):
                 have[s] = m
                 if self.cache is not None:
@@ -256,6 +324,18 @@ class MapProvider:
         maps = self.maps(image_id, size, load_image, flip=flip, scales=scales)
         b = flip_boxes(boxes, size[1]) if flip else boxes
         return pool_windows(maps, b, self.extractor.spec, self.spp)
+
+
+def split_top(trunk: nn.Module, n: int, mode: str = "spp") -> tuple[nn.Module, nn.Module | None]:
+    """``(lower, top)``: the trunk without its last ``n`` blocks, and those blocks (or None)."""
+    blocks = list(trunk.children())
+    if n < 0 or n >= len(blocks):
+        raise ConfigError(f"features.top_blocks must be in [0, {len(blocks) - 1}], not {n}")
+    if n and mode != "spp":
+        raise ConfigError("features.top_blocks needs SPP mode (R-CNN mode caches window vectors)")
+    if n == 0:
+        return trunk, None
+    return nn.Sequential(*blocks[:-n]), nn.Sequential(*blocks[-n:]).eval()
 
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:

@@ -1,18 +1,20 @@
 """Fine-tuning of the fc layers on SPP vectors (paper section 4.1; SPEC section 5).
 
-Only fc6, fc7 and the (K + 1)-way classifier are trained; the conv maps come from the frozen
-backbone (cached or computed on the fly). Mini-batches of 128 windows, 25 % foreground
-(IoU >= 0.5), background IoU in [0.1, 0.5), drawn from several images per batch (the released
-code samples windows across the whole training set; a few images per batch keeps that spirit
-while reading only a few cached maps per step). Horizontal flips and a random scale per image
-are the augmentation. Sampling at step ``t`` uses ``default_rng((seed, t))`` and the dropout
-seed ``seed + t``, so a resumed run repeats an uninterrupted one exactly.
+fc6, fc7 and the (K + 1)-way classifier are trained, and with ``conv_blocks`` the trunk's top
+conv blocks too, through the SPP layer (Fast R-CNN section 4.5; the paper keeps conv frozen):
+their input, the frozen map below them, comes from the cache. Mini-batches of 128 windows,
+25 % foreground (IoU >= 0.5), background IoU in [0.1, 0.5), drawn from several images per batch
+(the released code samples windows across the whole training set; a few images per batch keeps
+that spirit while reading only a few cached maps per step). Horizontal flips and a random scale
+per image are the augmentation. Sampling at step ``t`` uses ``default_rng((seed, t))`` and the
+dropout seed ``seed + t``, so a resumed run repeats an uninterrupted one exactly.
 
 Shape shorthand: ``D`` SPP dims, ``H`` hidden width, ``K`` classes (+1 background).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sppdet.features import MapProvider, SPPConfig
+from sppdet.errors import ConfigError
+from sppdet.features import MapProvider, ScaleMap, SPPConfig, flip_boxes, pool_windows
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
 from sppdet.windows import label_windows
@@ -60,6 +63,10 @@ class FinetuneConfig:
     eval_every: int = 1000  # steps between held-out accuracy measurements
     checkpoint_every: int = 1000  # steps between resumable checkpoints
     seed: int = 0
+    conv_blocks: int = 0  # top conv blocks trained through the SPP layer with the fc layers
+    # (Fast R-CNN 4.5: the largest single gain); at most features.top_blocks. 0 = frozen (SPP)
+    conv_lr: float = 0.001  # their learning rate (ImageNet-trained, so below the new fc's lr);
+    # x0.1 at the same lr_steps
 
 
 class FCHead(nn.Module):
@@ -160,10 +167,59 @@ def _sample(rng: np.random.Generator, w: _ImageWindows, n: int, n_fg: int) -> np
     return np.concatenate([fg_idx, bg_idx]).astype(np.int64)
 
 
-class _Batcher:
-    """Pools sampled windows of a few images into an ``(X [B, D], y [B])`` mini-batch."""
+class ConvTop(nn.Module):
+    """The trunk's top blocks during fine-tuning: ``frozen`` ones, then ``trained`` ones.
 
-    def __init__(self, records, windows, provider: MapProvider, spp: SPPConfig, cfg) -> None:
+    ``forward(Tensor[1, C, h, w]) -> Tensor[1, C', h, w]`` from a cached map. Batch norms stay
+    in eval mode with their ImageNet statistics and affine terms fixed (2 images per step are
+    too few for batch statistics; detectron2's FrozenBatchNorm), so only conv weights move.
+    """
+
+    def __init__(self, top: nn.Module, conv_blocks: int) -> None:
+        super().__init__()
+        blocks = list(copy.deepcopy(top).children())
+        if not 0 < conv_blocks <= len(blocks):
+            raise ConfigError(
+                f"finetune.conv_blocks={conv_blocks} but only features.top_blocks="
+                f"{len(blocks)} blocks run after the cache: raise features.top_blocks"
+            )
+        self.frozen = nn.Sequential(*blocks[: len(blocks) - conv_blocks])
+        self.trained = nn.Sequential(*blocks[len(blocks) - conv_blocks :])
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        for m in self.trained.modules():
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(not isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def train(self, mode: bool = True) -> ConvTop:
+        super().train(mode)
+        for m in self.modules():  # frozen statistics, whatever the mode (see class docstring)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+        return self.trained(x)
+
+    def top_state(self) -> dict:
+        """State of all top blocks, keyed as the extractor's ``top_module``."""
+        blocks = [*self.frozen.children(), *self.trained.children()]
+        return nn.Sequential(*blocks).state_dict()
+
+
+class _Batcher:
+    """Pools sampled windows of a few images into an ``(X [B, D], y [B])`` mini-batch.
+
+    With a :class:`ConvTop` the windows are pooled from ``top(cached map)``, differentiably:
+    gradients reach the trained blocks through the SPP layer's max pooling (each bin's winning
+    cell), as in Fast R-CNN's RoI pooling.
+    """
+
+    def __init__(
+        self, records, windows, provider: MapProvider, spp: SPPConfig, cfg, top=None
+    ) -> None:
         self.records, self.windows, self.provider, self.spp, self.cfg = (
             records,
             windows,
@@ -171,6 +227,7 @@ class _Batcher:
             spp,
             cfg,
         )
+        self.top: ConvTop | None = top
 
     def batch(self, rng: np.random.Generator, pool: Sequence[int]) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
@@ -191,6 +248,8 @@ class _Batcher:
         rec = self.records[w.index]
         scales = self.provider.extractor.config.scales
         scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
+        if self.top is not None:
+            return self._pool_through_top(rec, w.boxes[idx], flip, scale)
         return self.provider.pool5(
             rec.image_id,
             (rec.height, rec.width),
@@ -200,9 +259,24 @@ class _Batcher:
             scales=(scale,),
         )
 
+    def _pool_through_top(self, rec, boxes: np.ndarray, flip: bool, scale: int) -> Tensor:
+        size = (rec.height, rec.width)
+        (low,) = self.provider.lower_maps(
+            rec.image_id, size, lambda: load_image(rec.path), flip=flip, scales=(scale,)
+        )
+        # a freshly computed (not cached) map is an inference tensor: autograd needs a copy
+        x = low.fmap.clone() if low.fmap.is_inference() else low.fmap
+        fmap = self.top(x.unsqueeze(0))[0]
+        b = flip_boxes(boxes, size[1]) if flip else boxes
+        return pool_windows([ScaleMap(fmap, low.factor)], b, self.provider.extractor.spec, self.spp)
+
+
+def _lr_factor(cfg: FinetuneConfig, step: int) -> float:
+    return 0.1 ** sum(step >= s for s in cfg.lr_steps)
+
 
 def _lr(cfg: FinetuneConfig, step: int) -> float:
-    return cfg.lr * 0.1 ** sum(step >= s for s in cfg.lr_steps)
+    return cfg.lr * _lr_factor(cfg, step)
 
 
 def finetune(
@@ -241,16 +315,27 @@ def finetune(
     dim = provider.extractor.spec.channels * sum(n * n for n in spp.levels)
     torch.manual_seed(cfg.seed)
     model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout, cfg.init).to(device)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    batcher = _Batcher(records, windows, provider, spp, cfg)
-    start, resumed = _resume(out / "checkpoint.pt", model, opt)
+    top = None
+    groups = [{"params": list(model.parameters()), "base_lr": cfg.lr}]
+    if cfg.conv_blocks:
+        if provider.extractor.top_module is None:
+            raise ConfigError(
+                f"finetune.conv_blocks={cfg.conv_blocks} needs features.top_blocks >= it "
+                "(the cache must hold the map below the trained blocks)"
+            )
+        top = ConvTop(provider.extractor.top_module, cfg.conv_blocks).to(device)
+        trained = [p for p in top.parameters() if p.requires_grad]
+        groups.append({"params": trained, "base_lr": cfg.conv_lr})
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    batcher = _Batcher(records, windows, provider, spp, cfg, top)
+    start, resumed = _resume(out / "checkpoint.pt", model, opt, top)
     if start == 0 and cfg.standardize_batches:
         rng = np.random.default_rng((cfg.seed, 1 << 41))  # own stream, apart from the steps
-        sample = [batcher.batch(rng, train)[0] for _ in range(cfg.standardize_batches)]
+        with torch.no_grad():
+            sample = [batcher.batch(rng, train)[0] for _ in range(cfg.standardize_batches)]
         model.fit_standardization(torch.cat(sample))
-    held_x, held_y = _heldout(batcher, held, cfg)
+    with torch.no_grad():
+        held_x, held_y = _heldout(batcher, held, cfg)
     return _train_loop(
         model, opt, batcher, train, held_x, held_y, cfg, out, (start, resumed), progress
     )
@@ -268,12 +353,14 @@ def _heldout(batcher: _Batcher, held: list[int], cfg) -> tuple[Tensor | None, Te
     return torch.cat(xs), torch.cat(ys)
 
 
-def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, top=None) -> tuple:
     """Load a checkpoint; returns its step and the loop's running values (loss, acc, seconds)."""
     if not path.exists():
         return 0, {}
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
+    if top is not None:
+        top.load_state_dict(state["conv"])
     opt.load_state_dict(state["optimizer"])
     log.info("resuming fine-tuning at step %d from %s", state["step"], path)
     return int(state["step"]), {k: state.get(k) for k in ("loss_avg", "acc", "seconds")}
@@ -296,12 +383,15 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
     # and metrics of a resumed run equal an uninterrupted one's (bar the seconds).
     loss_avg, acc = resumed.get("loss_avg"), resumed.get("acc")
     t0 = time.perf_counter() - (resumed.get("seconds") or 0.0)
+    top = batcher.top
     model.train()
+    if top is not None:
+        top.train()
     bar = tqdm(range(start, cfg.iterations), desc="finetune", disable=not progress, initial=start)
     bar.total = cfg.iterations
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
+            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
         x, y = batcher.batch(np.random.default_rng((cfg.seed, step)), train)
         torch.manual_seed(cfg.seed + step)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -318,6 +408,7 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
         if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
             state = {
                 "model": model.state_dict(),
+                **({"conv": top.state_dict()} if top is not None else {}),
                 "optimizer": opt.state_dict(),
                 "step": done,
                 "loss_avg": loss_avg,
@@ -326,7 +417,11 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
             }
             atomic_torch_save(state, out / "checkpoint.pt")
     model.eval()
-    atomic_torch_save({"model": model.state_dict(), "config": model.config()}, out / "model.pt")
+    saved = {"model": model.state_dict(), "config": model.config()}
+    if top is not None:
+        # every top block (trained or not), keyed as the extractor's top_module
+        saved.update(trunk_top=top.top_state(), conv_blocks=cfg.conv_blocks)
+    atomic_torch_save(saved, out / "model.pt")
     metrics = {
         "final_loss": loss_avg,
         "heldout_accuracy": acc,
@@ -342,6 +437,12 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
 def _append_log(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def load_trunk_top(path: str | Path) -> dict | None:
+    """The fine-tuned top blocks' state saved by :func:`finetune` (None: conv was frozen)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("trunk_top")
 
 
 def load_head(path: str | Path, device: torch.device | str = "cpu") -> FCHead:

@@ -30,11 +30,17 @@ from sppdet.device import resolve_device
 from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapProvider, SPPConfig
-from sppdet.finetune import FinetuneConfig
+from sppdet.finetune import FinetuneConfig, load_trunk_top
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
 from sppdet.rcnn import RCNNCache, RCNNProvider, rcnn_cache_manifest
-from sppdet.storage import atomic_create_text, atomic_write_text, canonical, diff
+from sppdet.storage import (
+    atomic_create_text,
+    atomic_write_text,
+    canonical,
+    diff,
+    file_sha256,
+)
 from sppdet.svm import SVMConfig
 
 log = logging.getLogger(__name__)
@@ -157,6 +163,26 @@ class Run:
         atomic_write_text(path, _config_text(config))
         return Run(self.root, config)
 
+    def with_finetune(self, **changes: Any) -> Run:
+        """The run with ``finetune`` settings changed (``None`` values ignored), written to
+        ``config.yaml`` while fine-tuning has not started; afterwards a different value is
+        refused (the trained model and every stage after it were made with the old one)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        old = self.config.finetune
+        if not changes or all(getattr(old, k) == v for k, v in changes.items()):
+            return self
+        new = merge(old, changes, "command line")
+        started = [p for p in ("model.pt", "checkpoint.pt") if self.path("finetune", p).exists()]
+        if started:
+            lines = diff(canonical(to_dict(old)), canonical(to_dict(new)), "finetune")
+            raise CacheMismatchError(
+                f"{self.root} was fine-tuned with other settings ({'; '.join(lines)}; see "
+                f"{self.root / CONFIG_FILE}): use another run directory"
+            )
+        config = dataclasses.replace(self.config, finetune=new)
+        atomic_write_text(self.root / CONFIG_FILE, _config_text(config))
+        return Run(self.root, config)
+
     @classmethod
     def open(cls, root: str | Path) -> Run:
         """Open an existing run directory."""
@@ -216,8 +242,29 @@ class Run:
             import_path=path,
         )
 
-    def provider(self, split: str) -> MapProvider | RCNNProvider:
-        """Window features of ``split``: cached conv maps (SPP) or warped crops (R-CNN mode)."""
+    @cached_property
+    def tuned_extractor(self) -> FeatureExtractor:
+        """The extractor with the fine-tuned top conv blocks when fine-tuning trained some
+        (``finetune.conv_blocks``), else :attr:`extractor`: what every stage after
+        fine-tuning uses (fc SVMs, box regression, detection)."""
+        path = self.path("finetune", "model.pt")
+        if not path.exists():
+            if self.config.finetune.conv_blocks:
+                raise SppdetError(
+                    f"no fine-tuned model at {path}; run `sppdet finetune {self.root}` first"
+                )
+            return self.extractor
+        state = load_trunk_top(path)
+        if state is None:
+            return self.extractor
+        return self.extractor.with_top(state, "finetuned:sha256:" + file_sha256(path))
+
+    def provider(self, split: str, *, tuned: bool = False) -> MapProvider | RCNNProvider:
+        """Window features of ``split``: cached conv maps (SPP) or warped crops (R-CNN mode).
+
+        ``tuned``: with the fine-tuned top conv blocks (:attr:`tuned_extractor`); the cache
+        holds the frozen maps below them either way.
+        """
         root = self.root / "features" / split
         if self.config.features.mode == "rcnn":
             rcache = None
@@ -227,7 +274,8 @@ class Run:
         cache = None
         if self.config.features.cache:
             cache = FeatureCache(root, self.extractor.manifest())
-        return MapProvider(self.extractor, cache, self.config.spp)
+        extractor = self.tuned_extractor if tuned else self.extractor
+        return MapProvider(extractor, cache, self.config.spp)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

@@ -38,6 +38,11 @@ def _stage_manifest(run: Run, *sections: str) -> dict:
     return out
 
 
+def _tuned_trunk(run: Run) -> bool:
+    """Whether fine-tuning trains conv blocks: the stages after it then use that trunk."""
+    return run.config.features.mode == "spp" and run.config.finetune.conv_blocks > 0
+
+
 def run_finetune(run: Run, *, progress: bool = True) -> dict:
     """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
     out = run.path("finetune")
@@ -127,7 +132,7 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
-    provider = run.provider(ds.split)
+    provider = run.provider(ds.split, tuned=finetuned)
     head = _head(run, layer) if finetuned else None
     scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
     trainer = _svm_with_positives(run, ds, provider, head, layer, scale, progress)
@@ -175,14 +180,19 @@ def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) ->
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
     """Per-class ridge regressors from SPP (pool5) vectors to R-CNN deltas (SPEC section 7)."""
     out = run.path("bbox")
-    check_manifest(out, _stage_manifest(run, "bbox"))
+    manifest = _stage_manifest(run, "bbox")
+    tuned = _tuned_trunk(run)
+    if tuned:
+        # pool5 of the fine-tuned trunk: valid only for the conv weights it was trained on
+        manifest["finetune_model"] = _model_id(run)
+    check_manifest(out, manifest)
     if (out / "bbox.npz").exists():
         log.info("box regressors already trained: %s", out / "bbox.npz")
         return read_json(out / "stats.json")
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
-    provider = run.provider(ds.split)
+    provider = run.provider(ds.split, tuned=tuned)
     cfg = run.config.bbox
     scale = _norm_scale(run, ds, props, provider, None, "pool5", run.config.svm.target_norm)
     trainer = None

@@ -281,3 +281,43 @@ def test_cache_refuses_another_extractor(extractor, tmp_path):
     other = FeatureExtractor(FeatureConfig(backbone="zf5", scales=(64,), max_size=128))
     with pytest.raises(CacheMismatchError, match="scales"):
         FeatureCache(tmp_path, other.manifest())
+
+
+# ---------------------------------------------------------------- top blocks after the cache
+
+
+def test_top_blocks_split_the_trunk_after_the_cache(image, tmp_path):
+    # ZF-5 is a Sequential of 14 layers; top_blocks=3 leaves conv5 + ReLU + ... to run on the
+    # cached conv4 map: same maps as the whole trunk, a cache of the lower map.
+    whole = FeatureExtractor(FeatureConfig(backbone="zf5", scales=(64,), max_size=128))
+    split = FeatureExtractor(
+        FeatureConfig(backbone="zf5", scales=(64,), max_size=128, top_blocks=3)
+    )
+    (a,) = whole.compute(image)
+    (b,) = split.compute(image)
+    (low,) = split.compute_lower(image)
+    torch.testing.assert_close(b.fmap, a.fmap, rtol=1e-5, atol=1e-6)
+    assert low.fmap.shape[0] == 384 and b.fmap.shape[0] == 256
+    assert split.manifest()["top_blocks"] == 3 and "top_blocks" not in whole.manifest()
+    provider = MapProvider(split, FeatureCache(tmp_path, split.manifest()))
+    (c,) = provider.maps("img", image.shape[:2], Loader(image))
+    assert np.load(tmp_path / "s64" / "img.npy").shape[0] == 384  # the lower map is cached
+    scale = float(a.fmap.abs().max())
+    torch.testing.assert_close(c.fmap, a.fmap, rtol=1e-2, atol=1e-2 * scale)
+    # fine-tuned top weights: another trunk id and other maps from the same cached map
+    state = {k: v + 0.01 for k, v in split.top_module.state_dict().items()}
+    tuned = split.with_top(state, "finetuned:test")
+    assert tuned.trunk_id == "finetuned:test" and split.trunk_id == "frozen"
+    (d,) = MapProvider(tuned, provider.cache).maps("img", image.shape[:2], Loader(image))
+    assert not torch.allclose(d.fmap, c.fmap)
+
+
+def test_top_blocks_out_of_range_or_in_rcnn_mode_are_refused():
+    from sppdet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_blocks"):
+        FeatureExtractor(FeatureConfig(backbone="zf5", top_blocks=14))
+    with pytest.raises(ConfigError, match="SPP mode"):
+        FeatureExtractor(FeatureConfig(backbone="zf5", top_blocks=2, mode="rcnn"))
+    with pytest.raises(ConfigError, match="top_blocks is 0"):
+        FeatureExtractor(FeatureConfig(backbone="zf5")).with_top({}, "x")

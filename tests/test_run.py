@@ -99,3 +99,23 @@ def test_concurrent_creation_keeps_the_first_config(tmp_path):
     assert not atomic_create_text(tmp_path / "config.yaml", "overwritten: true\n")
     assert Run.open(tmp_path).config.features.scales == first.features.scales
     assert not list(tmp_path.glob(".config.yaml.*"))  # no temp file left behind
+
+
+def test_finetune_settings_from_the_command_line_are_stored_until_fine_tuning_starts(tmp_path):
+    run = Run.create(tmp_path, _cfg(features={"backbone": "zf5", "top_blocks": 2}))
+    assert run.with_finetune(conv_blocks=None) is run  # nothing given: nothing written
+    tuned = run.with_finetune(conv_blocks=2, conv_lr=0.002)
+    stored = Run.open(tmp_path).config.finetune
+    assert (
+        (stored.conv_blocks, stored.conv_lr)
+        == (2, 0.002)
+        == (
+            tuned.config.finetune.conv_blocks,
+            tuned.config.finetune.conv_lr,
+        )
+    )
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "checkpoint.pt").write_bytes(b"")
+    assert Run.open(tmp_path).with_finetune(conv_blocks=2).config.finetune.conv_blocks == 2
+    with pytest.raises(CacheMismatchError, match="conv_blocks"):
+        Run.open(tmp_path).with_finetune(conv_blocks=1)
