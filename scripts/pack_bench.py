@@ -33,7 +33,7 @@ from sppdet.errors import SppdetError
 from sppdet.run import CONFIG_FILE, Run, load_yaml
 from sppdet.storage import atomic_write_json, file_sha256
 
-#: Test-time stages of a run that ``sppdet bench`` loads (``sppdet.evaluate.load_detector``).
+#: Test-time stages of a run that ``sppdet bench`` loads (``sppdet.model.load_detector``).
 STAGE_DIRS = ("svm_fc7", "svm_pool5", "bbox")
 
 

@@ -150,6 +150,9 @@ class BBoxRegressor:
         target_mean: ``Array[K, 4]`` float32, per-class mean of the training deltas.
         target_std: ``Array[K, 4]`` float32, per-class ``sqrt(var + 0.001)`` of the deltas.
         num_samples: ``Array[K]`` int64, rows each class was fitted on.
+        feature_scale: the factor the training features (pool5 vectors) were multiplied by;
+            callers apply it to test features. ``None``: not stored (files written before it
+            was; ``sppdet.model`` then reads it from the run's ``bbox/stats.json``).
     """
 
     weights: np.ndarray
@@ -157,6 +160,7 @@ class BBoxRegressor:
     target_mean: np.ndarray
     target_std: np.ndarray
     num_samples: np.ndarray
+    feature_scale: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -229,15 +233,19 @@ class BBoxRegressor:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an ``.npz`` atomically."""
-        atomic_save_npz(path, **{f: getattr(self, f) for f in _FIELDS})
+        """Write an ``.npz`` atomically (the feature scale inside, when known)."""
+        scale = (
+            {} if self.feature_scale is None else {"feature_scale": np.float64(self.feature_scale)}
+        )
+        atomic_save_npz(path, **{f: getattr(self, f) for f in _FIELDS}, **scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BBoxRegressor:
         """Read what :meth:`save` wrote; a missing file or key is a :class:`DataError`."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(**{f: z[f] for f in _FIELDS})
+                scale = float(z["feature_scale"]) if "feature_scale" in z.files else None
+                return cls(**{f: z[f] for f in _FIELDS}, feature_scale=scale)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read box regressors {path}: {exc}") from exc
 

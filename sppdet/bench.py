@@ -3,7 +3,8 @@
 Every method runs on the same images with the same proposals, the same frozen backbone and the
 same trained fc / SVM / box-regression stages of one run, interleaved image by image (so load
 and thermal noise hit all of them alike). Per method, the seconds per image of each stage
-(:data:`sppdet.detect.STAGES`) are averaged; the paper's speed-up is the R-CNN time over the
+(:data:`sppdet.detect.STAGES`, timed by a :class:`~sppdet.timing.StageTimer` hook around the
+detector's steps) are averaged; the paper's speed-up is the R-CNN time over the
 SPP time, excluding proposals (paper table 10 times exclude selective search too).
 
 The first image is run once by every method before timing (oneDNN / cuDNN build their kernels
@@ -27,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from sppdet.detect import STAGES, Detector
-from sppdet.evaluate import load_detector
 from sppdet.features import FeatureConfig, FeatureExtractor
 from sppdet.imageio import load_image
+from sppdet.model import load_detector
 from sppdet.run import Run
 from sppdet.scales import FIVE_SCALES, SINGLE_SCALE
 from sppdet.storage import atomic_write_json, git_commit
+from sppdet.timing import StageTimer
 from sppdet.viz import plot_stage_times
 
 #: method name -> feature settings over the run's (the trained stages are the run's own).
@@ -92,7 +94,7 @@ def bench(
         m: {**METHODS[m], **({"rcnn_batch": batch} if m == "rcnn" else {})} for m in methods
     }
     dets = {m: _detector(base, run, features[m]) for m in methods}
-    times = {m: defaultdict(float) for m in methods}
+    timers = {m: StageTimer(run.device) for m in methods}
     other = defaultdict(float)
     windows = []
     for i, rec in enumerate(tqdm(ds, desc=f"bench {split}", unit="img", disable=not progress)):
@@ -106,8 +108,7 @@ def bench(
         for m, det in dets.items():
             if i == 0:
                 det.detect(image, boxes)  # warm-up: first-use kernel creation is not timed
-            for stage, sec in det.detect(image, boxes).timings.items():
-                times[m][stage] += sec
+            det.detect(image, boxes, hook=timers[m])
     n = len(ds)
     out = {
         "split": split,
@@ -118,7 +119,7 @@ def bench(
         "methods": {},
     }
     for m in methods:
-        stages = {s: times[m].get(s, 0.0) / n for s in STAGES}
+        stages = {s: timers[m].seconds.get(s, 0.0) / n for s in STAGES}
         out["methods"][m] = {
             "features": {k: list(v) if isinstance(v, tuple) else v for k, v in features[m].items()},
             "stages": stages,

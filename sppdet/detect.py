@@ -4,14 +4,20 @@ Every window is scored by every class (linear SVMs on fc7, or the fine-tuned sof
 are refined by the class's regressor, then per-class NMS at IoU 0.3
 (``torchvision.ops.batched_nms``) and a cap per image (Fast R-CNN: 100).
 
+A functional core: each step is a function of tensors (:func:`prepare_windows`,
+:func:`fc_features`, :func:`softmax_scores`, :func:`select_candidates`,
+:func:`regress_candidates`, :func:`suppress`); :class:`Detector` holds the trained parts and
+chains them. It keeps no clock and no cache: stages are named through a hook
+(:mod:`sppdet.timing`; ``sppdet bench`` times them), and the evaluation pass that shares pool5 /
+fc7 between test variants is :func:`sppdet.evaluate.detect_variants`.
+
 Shape shorthand: ``N`` windows, ``K`` classes, ``M`` detections, ``D`` feature dims.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from sppdet.features import (
     pool_windows,
 )
 from sppdet.rcnn import rcnn_featurizer
+from sppdet.timing import PROFILER_LABELS, StageHook
 
 #: Timed stages; "warp" (cropping and warping windows) is R-CNN mode's only.
 STAGES = ("proposals", "warp", "conv", "spp", "fc", "svm", "bbox", "nms")
@@ -60,47 +67,152 @@ class TestConfig:
 
 @dataclass
 class Detections:
-    """Detections of one image: ``boxes`` ``[M, 4]`` internal xyxy, ``scores`` ``[M]``,
-    ``labels`` ``[M]`` class index, ``timings`` seconds per stage."""
+    """Detections of one image: ``boxes`` ``Array[M, 4]`` internal xyxy, ``scores``
+    ``Array[M]``, ``labels`` ``Array[M]`` class index."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
-class _Clock:
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, defaultdict(float)
-        self._t = time.perf_counter()
+#: ``pool(boxes: Array[N, 4]) -> (Tensor[U, D], inverse)``: pool5 vectors of the distinct
+#: windows and ``Array[N]`` each window's row (``inverse = None``: one row per window).
+PoolFn = Callable[[np.ndarray], tuple[Tensor, np.ndarray | None]]
 
-    def lap(self, stage: str) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        elapsed = now - self._t
-        self.times[stage] += elapsed
-        self._t = now
-        return elapsed
 
-    def shared(self, cache: dict, key: str, stage: str, compute):
-        """``compute()`` once per ``cache``; later callers are charged the same seconds."""
-        if key in cache:
-            value, seconds = cache[key]
-            self.times[stage] += seconds
-            self._t = time.perf_counter()
-            return value
-        self.lap("_other")
-        value = compute()
-        cache[key] = (value, self.lap(stage))
-        return value
+# ------------------------------------------------------------------------ pure functions
+
+
+def prepare_windows(proposals: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``Array[N', 4]``: ``proposals`` clipped to an ``(H, W)`` image, degenerate and duplicate
+    windows dropped."""
+    h, w = size
+    boxes = clip_boxes(proposals, w, h)
+    boxes = boxes[valid_boxes_mask(boxes)]
+    return boxes[unique_boxes(boxes)]
+
+
+def fc_features(
+    head: torch.nn.Module,
+    pool5: Tensor,
+    layer: str,
+    *,
+    fc_dtype: str = "float32",
+    batch: int = 1024,
+) -> Tensor:
+    """``Tensor[U, H]`` float32 activations of ``layer`` (fc6 or fc7) for pool5 rows
+    ``Tensor[U, D]``, ``batch`` rows per forward pass (bounds the activations' memory)."""
+    out = []
+    with fc_autocast(pool5.device, fc_dtype):
+        for chunk in pool5.split(batch):
+            out.append(head.embed(chunk, layer).float())
+    return torch.cat(out)
+
+
+def softmax_scores(head: torch.nn.Module, fc7: Tensor, *, fc_dtype: str = "float32") -> Tensor:
+    """``Tensor[U, K]`` class probabilities (background dropped) from fc7 features: the head's
+    classifier in eval mode (dropout off), apart from fc7 so that fc7 can be shared."""
+    with fc_autocast(fc7.device, fc_dtype):
+        logits = head.cls(fc7).float()
+    return torch.softmax(logits, dim=1)[:, 1:]
+
+
+def expand_rows(x: Tensor, inverse: np.ndarray | None) -> Tensor:
+    """Rows of the distinct windows back to one row per window (``inverse`` ``Array[N]``)."""
+    return x if inverse is None else x[torch.from_numpy(inverse).to(x.device)]
+
+
+def select_candidates(
+    scores: Tensor, threshold: float, top_k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class, the windows scoring ``>= threshold``, at most the ``top_k`` best.
+
+    Args:
+        scores: ``Tensor[N, K]``.
+
+    Returns:
+        ``(idx, scores, labels)``, each ``Tensor[M]``: window index, score and class of each
+        candidate, classes in order.
+    """
+    cand_idx, cand_scores, cand_labels = [], [], []
+    for c in range(scores.shape[1]):
+        s = scores[:, c]
+        keep = torch.nonzero(s >= threshold).flatten()
+        if len(keep) > top_k:
+            keep = keep[s[keep].topk(top_k).indices]
+        cand_idx.append(keep)
+        cand_scores.append(s[keep])
+        cand_labels.append(torch.full((len(keep),), c, dtype=torch.long, device=scores.device))
+    return torch.cat(cand_idx), torch.cat(cand_scores), torch.cat(cand_labels)
+
+
+def regress_candidates(
+    bbox,
+    pool5: Tensor,
+    inverse: np.ndarray | None,
+    boxes: np.ndarray,
+    idx: Tensor,
+    labels: Tensor,
+    feature_scale: float,
+) -> Tensor:
+    """``Tensor[M, 4]``: window ``idx[i]`` refined by the regressor of class ``labels[i]``.
+
+    Only the candidates are regressed (R-CNN regresses the scored windows), not every window
+    for every class; each distinct pool5 row is scaled once.
+
+    Args:
+        bbox: a :class:`~sppdet.bbox_reg.BBoxRegressor` (its ``predict_rows``).
+        pool5: ``Tensor[U, D]`` rows of the distinct windows, ``inverse`` ``Array[N]`` each
+            window's row (``None``: one row per window).
+        boxes: ``Array[N, 4]`` the windows.
+        feature_scale: factor the regressors' training features were scaled by.
+    """
+    cand = idx.cpu().numpy()
+    rows = inverse[cand] if inverse is not None else cand
+    uniq, pos = np.unique(rows, return_inverse=True)
+    feats = pool5[torch.from_numpy(uniq).to(pool5.device)] * feature_scale
+    out = bbox.predict_rows(  # a tensor: its product runs in torch, not OpenBLAS
+        feats, pos.reshape(-1), boxes[cand], labels.cpu().numpy()
+    )
+    return torch.as_tensor(out, dtype=torch.float32, device=pool5.device)
+
+
+def suppress(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    size: tuple[int, int],
+    *,
+    nms_iou: float,
+    max_per_image: int,
+) -> Detections:
+    """Clip ``boxes`` ``Tensor[M, 4]`` to an ``(H, W)`` image, drop degenerate ones, per-class
+    NMS at ``nms_iou``, keep the ``max_per_image`` best (over all classes)."""
+    h, w = size
+    dev = boxes.device
+    b = torch.as_tensor(clip_boxes(boxes.cpu().numpy(), w, h), device=dev)
+    ok = torch.as_tensor(valid_boxes_mask(b.cpu().numpy()), device=dev)
+    b, s, lab = b[ok], scores[ok], labels[ok]
+    keep = batched_nms(b, s, lab, nms_iou)[:max_per_image]
+    return Detections(
+        b[keep].cpu().numpy().astype(np.float32),
+        s[keep].cpu().numpy().astype(np.float32),
+        lab[keep].cpu().numpy().astype(np.int64),
+    )
+
+
+# ----------------------------------------------------------------------------- detector
 
 
 class Detector:
     """A loaded model: call :meth:`detect` on images (the Python API of ``sppdet detect``).
 
     Args:
-        extractor: frozen backbone + scales.
+        extractor: backbone + scales (with the fine-tuned top blocks, if any).
         spp: window mapping / pyramid config.
         head: fine-tuned :class:`~sppdet.finetune.FCHead` (``None`` only for pool5 SVMs).
         svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``); detection
@@ -124,7 +236,7 @@ class Detector:
         config: TestConfig,
         propose=None,
     ) -> None:
-        # "auto" becomes the device's dtype here, so timings and JSON name what actually ran
+        # "auto" becomes the device's dtype here, so outputs and JSON name what actually ran
         # (and checked against it: e.g. int8 on CUDA is a ConfigError)
         config = replace(config, fc_dtype=check_fc_dtype(config.fc_dtype, extractor.device))
         self.extractor, self.spp, self.head, self.svms = extractor, spp, head, svms
@@ -141,7 +253,6 @@ class Detector:
         int8 = config.fc_dtype == "int8"
         if head is not None and (config.svd_fc6 or config.svd_fc7 or int8):
             self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7, int8=int8)
-        self._fc_key = f"{config.svd_fc6}/{config.svd_fc7}/{config.fc_dtype}"
         self.rcnn = None
         if extractor.config.mode == "rcnn":
             self.rcnn = rcnn_featurizer(extractor, spp)
@@ -150,42 +261,114 @@ class Detector:
     def device(self) -> torch.device:
         return self.extractor.device
 
+    # -- what determines each intermediate value (for sharing them between detectors)
+
+    @property
+    def fc_key(self) -> tuple:
+        """Identifies the fc features this detector computes from given pool5 rows: the
+        trained head object and how it runs (SVD ranks, dtype)."""
+        c = self.config
+        return (id(self.trained_head), c.svd_fc6, c.svd_fc7, c.fc_dtype, c.fc_batch)
+
+    @property
+    def score_layer(self) -> str:
+        """The features the scorer reads: the SVMs' layer, or fc7 for the softmax."""
+        return "fc7" if self.config.scorer == "softmax" else self.config.layer
+
+    @property
+    def score_key(self) -> tuple:
+        """Identifies the scores this detector computes from given pool5 rows."""
+        fc = self.fc_key if self.score_layer != "pool5" else None
+        scorer = self.config.scorer
+        return (scorer, self.score_layer, fc, id(self.svms) if scorer == "svm" else None)
+
+    # -- steps
+
+    def window_features(self, maps: list[ScaleMap], boxes: np.ndarray):
+        """``(Tensor[U, D], inverse)`` pool5 vectors of ``boxes`` on an image's maps (one row
+        per distinct window with ``dedup``, else one per window and ``inverse = None``)."""
+        if not self.config.dedup:
+            return pool_windows(maps, boxes, self.extractor.spec, self.spp), None
+        return pool_distinct_windows(maps, boxes, self.extractor.spec, self.spp)
+
+    def embed(self, pool5: Tensor, layer: str) -> Tensor:
+        """``Tensor[U, H]`` fc features (``layer`` fc6 or fc7) of the pool5 rows."""
+        c = self.config
+        return fc_features(self.head, pool5, layer, fc_dtype=c.fc_dtype, batch=c.fc_batch)
+
+    def score_features(self, x: Tensor) -> Tensor:
+        """``Tensor[U, K]`` float32 class scores of :attr:`score_layer` features ``x``."""
+        if self.config.scorer == "softmax":
+            return softmax_scores(self.head, x, fc_dtype=self.config.fc_dtype)
+        return self.svms.scores_tensor(x).float()  # in torch: see LinearSVMs.scores_tensor
+
+    def random_scores(self, n: int) -> Tensor:
+        """``Tensor[n, K]`` uniform scores, one draw per window (not per distinct window):
+        chance on the same proposals. Advances this detector's seeded generator."""
+        return torch.rand(n, len(self.classes), generator=self._rng).to(self.device)
+
+    @property
+    def score_stage(self) -> str:
+        """The stage name of :meth:`score_features` ("svm", or "fc" for the softmax layer)."""
+        return "svm" if self.config.scorer == "svm" else "fc"
+
+    def finish(
+        self,
+        boxes: np.ndarray,
+        scores: Tensor,
+        pool5: Tensor,
+        inverse: np.ndarray | None,
+        size: tuple[int, int],
+        hook: StageHook = PROFILER_LABELS,
+    ) -> Detections:
+        """Candidates of ``scores`` ``Tensor[N, K]``, regressed (if configured) and suppressed."""
+        cfg = self.config
+        with hook("nms"):
+            idx, s, lab = select_candidates(scores, cfg.score_threshold, cfg.pre_nms_top_k)
+        if cfg.bbox_reg and self.bbox is not None and len(idx):
+            with hook("bbox"):
+                b = regress_candidates(self.bbox, pool5, inverse, boxes, idx, lab, self.bbox_scale)
+        else:
+            b = torch.as_tensor(boxes, device=self.device)[idx]
+        with hook("nms"):
+            return suppress(b, s, lab, size, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image)
+
+    # -- whole detections
+
     @torch.inference_mode()
-    def detect(self, image: np.ndarray, proposals: np.ndarray | None = None) -> Detections:
+    def detect(
+        self,
+        image: np.ndarray,
+        proposals: np.ndarray | None = None,
+        *,
+        hook: StageHook = PROFILER_LABELS,
+    ) -> Detections:
         """Detect objects in ``image`` (uint8 ``[H, W, 3]`` RGB).
 
         Args:
             proposals: ``Array[N, 4]`` internal xyxy windows; computed with ``propose`` if None.
+            hook: entered around each stage (:mod:`sppdet.timing`).
         """
-        t0 = time.perf_counter()
         if proposals is None:
             if self.propose is None:
                 raise ValueError("no proposals given and no proposal function configured")
-            proposals = self.propose(image)
-        t1 = time.perf_counter()
-        if self.rcnn is not None:
-            return self._detect_rcnn(image, proposals, t1 - t0)
-        maps = self.extractor.compute(image)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter()
-        dets = self.detect_maps(maps, image.shape[:2], proposals)
-        dets.timings["proposals"] = dets.timings.get("proposals", 0.0) + t1 - t0
-        dets.timings["conv"] = t2 - t1
-        return dets
+            with hook("proposals"):
+                proposals = self.propose(image)
+        size = image.shape[:2]
+        if self.rcnn is not None:  # R-CNN mode: every window warped and convolved on its own
+            prepared = self.rcnn.prepare(image, self.device)
 
-    def _detect_rcnn(self, image: np.ndarray, proposals: np.ndarray, t_prop: float) -> Detections:
-        """R-CNN mode: every window warped and run through the conv layers on its own."""
-        sub: dict[str, float] = {}
-        prepared = self.rcnn.prepare(image, self.device)
-        dets = self.detect_with(
-            lambda b: (self.rcnn.features(prepared, b, sub), None), image.shape[:2], proposals
-        )
-        t = dets.timings
-        t["proposals"] = t.get("proposals", 0.0) + t_prop
-        t["warp"], t["conv"] = sub.get("warp", 0.0), sub.get("conv", 0.0)
-        t["spp"] = max(t.get("spp", 0.0) - t["warp"] - t["conv"], 0.0)
-        return dets
+            def pool(b: np.ndarray):
+                sub: dict[str, float] = {}
+                x = self.rcnn.features(prepared, b, sub)
+                hook.record("warp", sub.get("warp", 0.0))
+                hook.record("conv", sub.get("conv", 0.0))
+                return x, None
+
+            return self.detect_with(pool, size, proposals, hook=hook)
+        with hook("conv"):
+            maps = self.extractor.compute(image)
+        return self.detect_maps(maps, size, proposals, hook=hook)
 
     @torch.inference_mode()
     def detect_maps(
@@ -193,143 +376,37 @@ class Detector:
         maps: list[ScaleMap],
         size: tuple[int, int],
         proposals: np.ndarray,
-        shared: dict | None = None,
+        *,
+        hook: StageHook = PROFILER_LABELS,
     ) -> Detections:
-        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``.
-
-        ``shared``: a dict that several detectors of the same run (test-time variants such as
-        SVM vs softmax, with or without box regression) pass for the same image, so SPP vectors
-        and fc features are computed once (box regression depends on each variant's candidates).
-        Each variant's timings still include the time the shared values took, as if it had run
-        alone.
-        """
-        spec, spp = self.extractor.spec, self.spp
-
-        def pool(boxes: np.ndarray) -> tuple[Tensor, np.ndarray | None]:
-            if not self.config.dedup:
-                return pool_windows(maps, boxes, spec, spp), None
-            return pool_distinct_windows(maps, boxes, spec, spp)
-
-        return self.detect_with(pool, size, proposals, shared)
+        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``."""
+        return self.detect_with(lambda b: self.window_features(maps, b), size, proposals, hook=hook)
 
     @torch.inference_mode()
-    def detect_with(self, pool, size: tuple[int, int], proposals: np.ndarray, shared=None):
-        """Detect given a window featuriser (the core of :meth:`detect_maps` / R-CNN mode).
-
-        ``pool(boxes: Array[N, 4]) -> (Tensor[U, D], inverse)``: pool5 vectors of the distinct
-        windows and ``Array[N]`` each window's row (``inverse = None``: one row per window).
-        """
-        clock = _Clock(self.device)
-        h, w = size
-        boxes = clip_boxes(proposals, w, h)
-        boxes = boxes[valid_boxes_mask(boxes)]
-        boxes = boxes[unique_boxes(boxes)]
-        clock.lap("proposals")
+    def detect_with(
+        self,
+        pool: PoolFn,
+        size: tuple[int, int],
+        proposals: np.ndarray,
+        *,
+        hook: StageHook = PROFILER_LABELS,
+    ) -> Detections:
+        """Detect given a window featuriser ``pool`` (:data:`PoolFn`): the core of
+        :meth:`detect_maps` and of R-CNN mode."""
+        with hook("proposals"):
+            boxes = prepare_windows(proposals, size)
         if len(boxes) == 0:
-            return _empty(clock.times)
-        scores, regress = self._score(pool, boxes, clock, {} if shared is None else shared)
-        dets = self._suppress(boxes, scores, regress, (w, h), clock)
-        dets.timings = {k: v for k, v in clock.times.items() if not k.startswith("_")}
-        return dets
-
-    def _score(self, pool, boxes: np.ndarray, clock: _Clock, shared: dict):
-        cfg = self.config
-        key = f"pool5/{cfg.dedup}"
-        pool5, inverse = clock.shared(shared, key, "spp", lambda: pool(boxes))
-        fc_key = f"{key}/{self._fc_key}"
-        if cfg.scorer == "random":
-            n_cls = len(self.classes)
-            # One draw per window (not per distinct window): chance on the same proposals.
-            scores = torch.rand(len(boxes), n_cls, generator=self._rng).to(self.device)
-            inverse = None
-            clock.lap("fc")
-        elif cfg.scorer == "softmax":
-            # fc7 is shared with the fc7 SVM variants: only the 21-way layer is the softmax's own
-            fc7 = clock.shared(shared, f"{fc_key}/fc7", "fc", lambda: self._fc(pool5, "fc7"))
-            scores = clock.shared(shared, f"{fc_key}/softmax", "fc", lambda: self._softmax(fc7))
+            return Detections.empty()
+        with hook("spp"):
+            pool5, inverse = pool(boxes)
+        if self.config.scorer == "random":
+            with hook("fc"):
+                scores = self.random_scores(len(boxes))
         else:
-            x = (
-                pool5  # pool5 SVMs score the SPP vectors themselves: no fc work to share
-                if cfg.layer == "pool5"
-                else clock.shared(
-                    shared, f"{fc_key}/{cfg.layer}", "fc", lambda: self._fc(pool5, cfg.layer)
-                )
-            )
-            scores = self.svms.scores_tensor(x)  # in torch: see LinearSVMs.scores_tensor
-            clock.lap("svm")
-        regress = None
-        if cfg.bbox_reg and self.bbox is not None:
-            regress = lambda idx, labels: self._regress(pool5, inverse, boxes, idx, labels)  # noqa: E731
-        return _expand(scores.float(), inverse), regress
-
-    def _fc(self, pool5: Tensor, layer: str) -> Tensor:
-        """``Tensor[U, H]`` fc features (``layer`` fc6 or fc7) of the pool5 rows."""
-        out = []
-        with fc_autocast(self.device, self.config.fc_dtype):
-            for chunk in pool5.split(self.config.fc_batch):  # bounds fc activations' memory
-                out.append(self.head.embed(chunk, layer).float())
-        return torch.cat(out)
-
-    def _softmax(self, fc7: Tensor) -> Tensor:
-        """``Tensor[U, K]`` class probabilities (background dropped) from fc7 features: the
-        head's forward pass in eval mode (dropout off), split so fc7 can be shared."""
-        with fc_autocast(self.device, self.config.fc_dtype):
-            logits = self.head.cls(fc7).float()
-        return torch.softmax(logits, dim=1)[:, 1:]
-
-    def _regress(self, pool5: Tensor, inverse, boxes: np.ndarray, idx: Tensor, labels: Tensor):
-        """``Tensor[M, 4]``: window ``idx[i]`` refined by the regressor of class ``labels[i]``.
-
-        Only the candidates that survive the score threshold and the per-class top-k are
-        regressed (R-CNN regresses the scored windows), not every window for every class.
-        """
-        cand = idx.cpu().numpy()
-        rows = inverse[cand] if inverse is not None else cand
-        uniq, pos = np.unique(rows, return_inverse=True)
-        feats = pool5[torch.from_numpy(uniq).to(pool5.device)] * self.bbox_scale
-        out = self.bbox.predict_rows(  # a tensor: its product runs in torch, not OpenBLAS
-            feats, pos.reshape(-1), boxes[cand], labels.cpu().numpy()
-        )
-        return torch.as_tensor(out, dtype=torch.float32, device=self.device)
-
-    def _suppress(self, boxes, scores: Tensor, regress, size, clock: _Clock) -> Detections:
-        cfg = self.config
-        n, k = scores.shape
-        cand_idx, cand_scores, cand_labels = [], [], []
-        for c in range(k):
-            s = scores[:, c]
-            keep = torch.nonzero(s >= cfg.score_threshold).flatten()
-            if len(keep) > cfg.pre_nms_top_k:
-                keep = keep[s[keep].topk(cfg.pre_nms_top_k).indices]
-            cand_idx.append(keep)
-            cand_scores.append(s[keep])
-            cand_labels.append(torch.full((len(keep),), c, dtype=torch.long, device=self.device))
-        idx, s, lab = torch.cat(cand_idx), torch.cat(cand_scores), torch.cat(cand_labels)
-        clock.lap("nms")
-        if regress is not None and len(idx):
-            b = regress(idx, lab)
-            clock.lap("bbox")
-        else:
-            b = torch.as_tensor(boxes, device=self.device)[idx]
-        w, h = size
-        b = torch.as_tensor(clip_boxes(b.cpu().numpy(), w, h), device=self.device)
-        ok = torch.as_tensor(valid_boxes_mask(b.cpu().numpy()), device=self.device)
-        b, s, lab = b[ok], s[ok], lab[ok]
-        keep = batched_nms(b, s, lab, cfg.nms_iou)[: cfg.max_per_image]
-        clock.lap("nms")
-        return Detections(
-            b[keep].cpu().numpy().astype(np.float32),
-            s[keep].cpu().numpy().astype(np.float32),
-            lab[keep].cpu().numpy().astype(np.int64),
-        )
-
-
-def _expand(x: Tensor, inverse: np.ndarray | None) -> Tensor:
-    """Rows of the distinct windows back to one row per window."""
-    return x if inverse is None else x[torch.from_numpy(inverse).to(x.device)]
-
-
-def _empty(times) -> Detections:
-    return Detections(
-        np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), dict(times)
-    )
+            x = pool5
+            if self.score_layer != "pool5":
+                with hook("fc"):
+                    x = self.embed(pool5, self.score_layer)
+            with hook(self.score_stage):
+                scores = expand_rows(self.score_features(x), inverse)
+        return self.finish(boxes, scores, pool5, inverse, size, hook)

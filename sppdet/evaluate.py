@@ -1,4 +1,10 @@
-"""Loading a trained run as a :class:`~sppdet.detect.Detector`, and evaluating it on a split."""
+"""Evaluating a trained run on a split: every test variant in one pass over the images.
+
+:func:`detect_variants` is that pass for one image: pool5 of the distinct windows once per trunk,
+fc features once per head, scores once per scorer, then each variant selects, regresses and
+suppresses its own candidates. The trained parts and the detectors come from
+:mod:`sppdet.model` (``load_detector`` is re-exported here for older callers).
+"""
 
 from __future__ import annotations
 
@@ -6,74 +12,45 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from sppdet.bbox_reg import BBoxRegressor
 from sppdet.comp4 import write_comp4
-from sppdet.detect import STAGES, Detector, TestConfig
+from sppdet.detect import (
+    STAGES,
+    Detections,
+    Detector,
+    PoolFn,
+    TestConfig,
+    expand_rows,
+    prepare_windows,
+)
 from sppdet.errors import SppdetError
-from sppdet.finetune import load_head
 from sppdet.imageio import load_image
-from sppdet.proposals import propose
+from sppdet.model import load_detector, load_detectors, needed_parts, trained_parts
 from sppdet.rcnn import RCNNProvider
 from sppdet.run import Run
-from sppdet.storage import atomic_write_json, git_commit, read_json
-from sppdet.train import load_svms
+from sppdet.storage import atomic_write_json, git_commit
+from sppdet.timing import PROFILER_LABELS, StageTimer, synchronize
 from sppdet.viz import plot_pr_curves
-from sppdet.voc_eval import Detections, EvalResult, evaluate_detections
+from sppdet.voc_eval import Detections as ClassDetections
+from sppdet.voc_eval import EvalResult, evaluate_detections
+
+__all__ = [
+    "ABLATIONS",
+    "FAST_VARIANTS",
+    "ablation_variants",
+    "detect_variants",
+    "evaluate_run",
+    "evaluate_variants",
+    "fast_variants",
+    "load_detector",
+]
 
 log = logging.getLogger(__name__)
-
-
-def load_detector(
-    run: Run, test: TestConfig | None = None, *, classes: tuple[str, ...] | None = None
-) -> Detector:
-    """A detector from the run's trained stages and its test config (or ``test``).
-
-    ``classes``: the class names when the caller has them (else read from the training split).
-    """
-    cfg = run.config.test if test is None else test
-    head_path = run.path("finetune", "model.pt")
-    need_head = cfg.scorer == "softmax" or (cfg.scorer == "svm" and cfg.layer != "pool5")
-    extractor = _extractor_for(run, cfg, need_head)
-    if need_head and not head_path.exists():
-        raise SppdetError(f"no fine-tuned model at {head_path}; run `sppdet train {run.root}`")
-    head = load_head(head_path, run.device) if head_path.exists() else None
-    svms = load_svms(run, cfg.layer) if cfg.scorer == "svm" else None
-    bbox, scale = None, 1.0
-    if cfg.bbox_reg:
-        path = run.path("bbox", "bbox.npz")
-        if not path.exists():
-            raise SppdetError(f"no box regressors at {path}; run `sppdet train-bbox {run.root}`")
-        bbox = BBoxRegressor.load(path)
-        scale = float(read_json(run.path("bbox", "stats.json"))["feature_scale"])
-    if classes is None:
-        classes = run.dataset().classes if run.config.data.devkit else _classes_from_stats(run)
-    return Detector(
-        extractor,
-        run.config.spp,
-        head,
-        svms,
-        bbox,
-        scale,
-        classes,
-        cfg,
-        propose=lambda image: propose(image, run.config.proposals),
-    )
-
-
-def _extractor_for(run: Run, cfg: TestConfig, need_head: bool):
-    """The trunk a test variant runs: fine-tuned when its scorer or its box regressors were
-    trained on the fine-tuned trunk (``finetune.conv_blocks``), else the frozen one."""
-    tuned_bbox = cfg.bbox_reg and run.config.finetune.conv_blocks > 0
-    if cfg.scorer == "svm" and cfg.layer == "pool5" and tuned_bbox:
-        raise SppdetError(
-            "pool5 SVMs score the frozen trunk's vectors but this run's box regressors were "
-            "trained on the fine-tuned trunk: evaluate pool5 SVMs without box regression"
-        )
-    return run.tuned_extractor if (need_head or tuned_bbox) else run.extractor
 
 
 #: The paper's ablation rows (table 10) plus the fine-tuned softmax (Fast R-CNN): name -> test
@@ -116,30 +93,15 @@ def fast_variants(run: Run) -> dict[str, TestConfig]:
 
 def ablation_variants(run: Run) -> dict[str, TestConfig]:
     """The :data:`ABLATIONS` whose trained parts exist in ``run``."""
-    have = {
-        "svm_pool5": run.path("svm_pool5", "svm.npz").exists(),
-        "svm_fc7": run.path("svm_fc7", "svm.npz").exists(),
-        "head": run.path("finetune", "model.pt").exists(),
-        "bbox": run.path("bbox", "bbox.npz").exists(),
-    }
+    have = trained_parts(run)
     out = {}
     for name, changes in ABLATIONS.items():
         test = dataclasses.replace(run.config.test, **changes)
-        need = ["bbox"] if test.bbox_reg else []
-        if test.scorer == "softmax" or (test.scorer == "svm" and test.layer != "pool5"):
-            need.append("head")
-        if test.scorer == "svm":
-            need.append(f"svm_{test.layer}")
-        if all(have[n] for n in need):
+        if all(n in have for n in needed_parts(test)):
             out[name] = test
     if not out:
         raise SppdetError(f"nothing trained in {run.root}; run `sppdet train {run.root}`")
     return out
-
-
-def _classes_from_stats(run: Run) -> tuple[str, ...]:
-    stats = read_json(run.path(f"svm_{run.config.test.layer}", "stats.json"))
-    return tuple(stats["classes"])
 
 
 def evaluate_run(
@@ -170,82 +132,151 @@ def evaluate_variants(
 ) -> dict[str, tuple[EvalResult, dict]]:
     """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
 
-    All variants share one pass over the images: the conv maps, SPP vectors and fc features of
-    an image are computed once (each variant's timings still count them); each variant regresses
-    its own scored candidates.
+    All variants share one pass over the images (:func:`detect_variants`); each variant's
+    seconds per stage count the shared values it used, as if it had run alone.
     Outputs go to ``RUN/eval/<name>/`` per variant. Conv maps come from the split's cache when
     feature caching is on (computed and stored otherwise); the conv timing is then the cache load
     time, so ``sppdet bench`` measures conv time separately.
     """
     ds = run.dataset(split, devkit=devkit, limit=limit)
-    detectors = {
-        name: load_detector(run, test, classes=ds.classes) for name, test in variants.items()
-    }
+    detectors = load_detectors(run, variants, classes=ds.classes)
     props = run.proposals(ds)
     provider = run.provider(split)
     per_class = {name: defaultdict(list) for name in variants}
-    times = {name: defaultdict(float) for name in variants}
+    timers = {name: StageTimer(run.device) for name in variants}
     t_start = time.perf_counter()
     for rec in tqdm(ds, desc=f"detect {split}", unit="img", disable=not progress):
-        t0 = time.perf_counter()
         size = (rec.height, rec.width)
-        detect = _image_detect(provider, rec, size, props.boxes_for(rec.image_id))
-        conv = time.perf_counter() - t0
-        # one shared memo per trunk: frozen and fine-tuned trunks give different vectors
-        shared: dict = defaultdict(dict)
-        for name, detector in detectors.items():
-            dets = detect(detector, shared[detector.extractor.trunk_id])
-            times[name]["conv"] += conv
-            for k, v in dets.timings.items():
-                times[name][k] += v
-            _collect(per_class[name], rec.image_id, dets)
+        pool_for = _image_pools(provider, rec, size, detectors, timers)
+        dets = detect_variants(detectors, size, props.boxes_for(rec.image_id), pool_for, timers)
+        for name, d in dets.items():
+            _collect(per_class[name], rec.image_id, d)
     wall = time.perf_counter() - t_start
     return {
         # the detector's config: "auto" fc dtype resolved to what ran
         name: _finish(
-            run, ds, split, name, detectors[name].config, per_class[name], times[name], wall
+            run, ds, split, name, detectors[name].config, per_class[name], timers[name], wall
         )
         for name in variants
     }
 
 
-def _image_detect(provider, rec, size, boxes):
-    """``detect(detector, shared)`` for one image: SPP mode pools its (cached) conv maps,
-    R-CNN mode reads its window vectors from the cache or warps them from the image (their
-    conv time is counted under "spp")."""
+class _Shared:
+    """The values of one image that several variants use: each is computed once, and every
+    variant that uses it is charged the seconds it took."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._values: dict = {}
+
+    def get(self, key: tuple, stage: str, timer: StageTimer | None, compute: Callable):
+        if key not in self._values:
+            t0 = time.perf_counter()
+            value = compute()
+            synchronize(self.device)
+            self._values[key] = (value, time.perf_counter() - t0)
+        value, seconds = self._values[key]
+        if timer is not None:
+            timer.record(stage, seconds)
+        return value
+
+
+@torch.inference_mode()
+def detect_variants(
+    detectors: Mapping[str, Detector],
+    size: tuple[int, int],
+    proposals: np.ndarray,
+    pool_for: Callable[[Detector], PoolFn],
+    timers: Mapping[str, StageTimer] | None = None,
+) -> dict[str, Detections]:
+    """Every variant's detections of one image, each shared value computed once.
+
+    The same as ``detectors[name].detect_with(pool_for(detector), size, proposals)`` for each
+    variant (tests/test_evaluate.py checks it), but the windows are prepared once, pool5 is
+    pooled once per (trunk, dedup) (:attr:`~sppdet.detect.Detector.extractor`'s ``trunk_id``),
+    fc features once per (pool5, :attr:`~sppdet.detect.Detector.fc_key`) and class scores once
+    per (pool5, :attr:`~sppdet.detect.Detector.score_key`); random scores, candidates, box
+    regression and NMS are each variant's own.
+
+    Args:
+        detectors: name -> detector; detectors that should share fc work must share their
+            trained head object (:func:`sppdet.model.load_detectors` does).
+        size: ``(H, W)`` of the image.
+        proposals: ``Array[N, 4]`` internal xyxy.
+        pool_for: the window featuriser of a detector's trunk (:data:`~sppdet.detect.PoolFn`).
+        timers: name -> :class:`~sppdet.timing.StageTimer` charged with that variant's seconds.
+    """
+    shared = _Shared(next(iter(detectors.values())).device) if detectors else None
+    out = {}
+    for name, det in detectors.items():
+        timer = timers[name] if timers is not None else None
+        out[name] = _detect_shared(det, shared, size, proposals, pool_for, timer)
+    return out
+
+
+def _detect_shared(det: Detector, shared: _Shared, size, proposals, pool_for, timer):
+    """One variant of :func:`detect_variants`: :meth:`Detector.detect_with`'s steps, reading
+    the values other variants share from ``shared``."""
+    boxes = shared.get(("windows",), "proposals", timer, lambda: prepare_windows(proposals, size))
+    if len(boxes) == 0:
+        return Detections.empty()
+    key = ("pool5", det.extractor.trunk_id, det.config.dedup)
+    pool5, inverse = shared.get(key, "spp", timer, lambda: pool_for(det)(boxes))
+    hook = timer if timer is not None else PROFILER_LABELS
+    if det.config.scorer == "random":
+        with hook("fc"):
+            scores = det.random_scores(len(boxes))
+    else:
+        layer = det.score_layer
+        x = pool5
+        if layer != "pool5":
+            x = shared.get((key, det.fc_key, layer), "fc", timer, lambda: det.embed(pool5, layer))
+        s = shared.get((key, det.score_key), det.score_stage, timer, lambda: det.score_features(x))
+        scores = expand_rows(s, inverse)
+    return det.finish(boxes, scores, pool5, inverse, size, hook)
+
+
+def _image_pools(provider, rec, size, detectors, timers) -> Callable[[Detector], PoolFn]:
+    """``pool_for(detector)`` for one dataset image. SPP mode: the (cached) maps below the top
+    blocks once, the top blocks once per trunk (their seconds charged as "conv" to the variants
+    of that trunk). R-CNN mode reads the window vectors from the cache or warps them from the
+    image (their conv time is counted under "spp")."""
+    loader = lambda: load_image(rec.path)  # noqa: E731
     if isinstance(provider, RCNNProvider):
-        # cached vectors when the split was extracted, else warped and convolved here
-        loader = lambda: load_image(rec.path)  # noqa: E731
-        pool = lambda b: (provider.pool5(rec.image_id, size, loader, b), None)  # noqa: E731
-        return lambda det, shared: det.detect_with(pool, size, boxes, shared)
-    lower = provider.lower_maps(rec.image_id, size, lambda: load_image(rec.path))
-    tops: dict = {}  # the trunk's top blocks run once per image and trunk
-
-    def detect(det, shared):
+        return lambda det: lambda b: (provider.pool5(rec.image_id, size, loader, b), None)
+    t0 = time.perf_counter()
+    lower = provider.lower_maps(rec.image_id, size, loader)
+    conv = time.perf_counter() - t0
+    maps: dict[str, tuple] = {}  # trunk_id -> (maps, seconds of its top blocks)
+    for name, det in detectors.items():
         ext = det.extractor
-        if ext.trunk_id not in tops:
-            tops[ext.trunk_id] = [ext.apply_top(m) for m in lower]
-        return det.detect_maps(tops[ext.trunk_id], size, boxes, shared)
-
-    return detect
+        if ext.trunk_id not in maps:
+            t0 = time.perf_counter()
+            tops = [ext.apply_top(m) for m in lower]
+            synchronize(ext.device)
+            maps[ext.trunk_id] = (tops, time.perf_counter() - t0)
+        timers[name].record("conv", conv + maps[ext.trunk_id][1])
+    return lambda det: lambda b: det.window_features(maps[det.extractor.trunk_id][0], b)
 
 
 def _collect(per_class: dict, image_id: str, dets) -> None:
     for c in np.unique(dets.labels):
         m = dets.labels == c
         per_class[int(c)].append(
-            Detections(np.full(int(m.sum()), image_id), dets.scores[m], dets.boxes[m])
+            ClassDetections(np.full(int(m.sum()), image_id), dets.scores[m], dets.boxes[m])
         )
 
 
-def _finish(run, ds, split, name, test: TestConfig, per_class, times, wall) -> tuple:
-    dets_by_name = {c: Detections.concat(per_class.get(k, [])) for k, c in enumerate(ds.classes)}
+def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall) -> tuple:
+    dets_by_name = {
+        c: ClassDetections.concat(per_class.get(k, [])) for k, c in enumerate(ds.classes)
+    }
     out = run.path("eval", name)
     write_comp4(out, split, ds.classes, dets_by_name)
     result = evaluate_detections(ds, dets_by_name)
     plot_pr_curves(result.per_class, out / "pr_curves.png")
     n = max(len(ds), 1)
-    timing = {s: times.get(s, 0.0) / n for s in STAGES}
+    timing = {s: timer.seconds.get(s, 0.0) / n for s in STAGES}
     summary = {
         **result.to_json(),
         "split": split,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sppdet.evaluate import load_detector
 from sppdet.imageio import load_image
+from sppdet.model import load_detector
 from sppdet.run import Run
 from sppdet.viz import draw_detections
 
@@ -50,7 +50,6 @@ def detect_images(
                     {"class": detector.classes[int(c)], "score": float(s), "box": b.tolist()}
                     for b, s, c in zip(boxes, scores, labels, strict=True)
                 ],
-                "timings": dets.timings,
             }
         )
     return results

@@ -6,6 +6,7 @@ complete; features are streamed one image at a time, never all held at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sppdet.bbox_reg import BBoxRegressor, BBoxRegTrainer
+from sppdet.bbox_reg import BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.errors import SppdetError
 from sppdet.finetune import LAYERS, FCHead, finetune, load_head
@@ -209,7 +210,8 @@ def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
         trainer.add(x * scale, lw.boxes[sel], gt, labels[lw.gt_index[sel]])
     if trainer is None:
         raise SppdetError("no training windows overlap a ground truth box")
-    model: BBoxRegressor = trainer.fit()
+    # the scale goes into the regressors' own file: test time needs nothing else
+    model = dataclasses.replace(trainer.fit(), feature_scale=scale)
     model.save(out / "bbox.npz")
     summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
     atomic_write_json(out / "stats.json", summary)

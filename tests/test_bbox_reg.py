@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -157,8 +158,11 @@ def test_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, f), getattr(model, f))
     x = rng.normal(size=(5, 8)).astype(np.float32)
     np.testing.assert_array_equal(back.predict_all(x, p[:5]), model.predict_all(x, p[:5]))
+    assert back.feature_scale is None  # not given: an older file, without the scale
     with pytest.raises(DataError, match="missing.npz"):
         BBoxRegressor.load(tmp_path / "missing.npz")
+    dataclasses.replace(model, feature_scale=0.125).save(tmp_path / "scaled.npz")
+    assert BBoxRegressor.load(tmp_path / "scaled.npz").feature_scale == 0.125
 
 
 def test_predict_rows_equals_predict_on_gathered_rows():
