@@ -15,7 +15,17 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
 @click.option("--split", default="val", show_default=True, help="Split whose images are timed.")
 @click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--run", "run_dir", type=_DIR, required=True, help="A trained run.")
+@click.option("--run", "run_dir", type=_DIR, help="A trained run.")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A model file (`sppdet export`) instead of --run.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --model: directory for its proposals (default runs/<model>).",
+)
 @click.option(
     "--methods",
     default="spp_1scale,spp_5scale,rcnn",
@@ -35,22 +45,38 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fast_options
 def command(
-    devkit, split, limit, run_dir, methods, rcnn_batch, name, out_dir, device, quiet, **speed
+    devkit,
+    split,
+    limit,
+    run_dir,
+    model,
+    model_dir,
+    methods,
+    rcnn_batch,
+    name,
+    out_dir,
+    device,
+    quiet,
+    **speed,
 ):
     """Seconds per image of every stage for SPP-net and R-CNN on the same images and proposals."""
     import dataclasses
 
     from sppdet.bench import METHODS, bench, format_bench, write_bench
+    from sppdet.model_file import with_test
     from sppdet.run import Run
+    from sppdet_cli.eval_cmd import open_run_or_model
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown or not chosen:
         raise click.BadParameter(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    run = Run.open(run_dir)
-    if device is not None:  # first: --conv-dtype auto resolves for the device that runs
+    if (run_dir is None) == (model is None):
+        raise click.UsageError("give exactly one of --run RUN and --model MODEL")
+    run, source = open_run_or_model(run_dir, model, model_dir, devkit, device or "auto")
+    if device is not None and source is None:  # first: --conv-dtype auto resolves for it
         run = Run(run.root, dataclasses.replace(run.config, device=device))
-    run = run.with_test(**fast_test(speed, conv_default="auto"))
+    run, source = with_test(run, source, fast_test(speed, conv_default="auto"))
     result = bench(
         run,
         split,
@@ -59,6 +85,7 @@ def command(
         methods=chosen,
         progress=not quiet,
         rcnn_batch=rcnn_batch,
+        source=source,
     )
     name = name or f"bench_{run.device.type}"
     json_path, png_path = write_bench(result, out_dir, name)

@@ -18,6 +18,17 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--split", required=True, help="Split to evaluate, e.g. val.")
 @click.option("--detections", type=_DIR, help="Directory of comp4_det_<split>_<class>.txt files.")
 @click.option("--run", "run_dir", type=_DIR, help="A trained run: detect over the split first.")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A model file (`sppdet export`): detect over the split first, as with --run.",
+)
+@click.option(
+    "--model-dir",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --model: directory for its proposals and eval outputs (default runs/<model>).",
+)
 @click.option("--scorer", type=click.Choice(SCORERS), help="With --run: scores used.")
 @click.option("--layer", type=click.Choice(["fc7", "fc6", "pool5"]), help="With --run: SVM layer.")
 @click.option("--no-bbox-reg", is_flag=True, help="With --run: skip box regression.")
@@ -45,6 +56,8 @@ def command(
     split,
     detections,
     run_dir,
+    model,
+    out_dir,
     scorer,
     layer,
     no_bbox_reg,
@@ -67,17 +80,18 @@ def command(
 
     if not voc2007:  # the only benchmark so far; the flag keeps room for others
         raise click.UsageError("give the benchmark: --voc2007")
-    if (detections is None) == (run_dir is None):
-        raise click.UsageError("give exactly one of --detections DIR or --run RUN_DIR")
-    if fast_path and not (run_dir is not None and ablations):
-        raise click.UsageError("--fast-path needs --run and --ablations")
-    if run_dir is not None:
+    if sum(x is not None for x in (detections, run_dir, model)) != 1:
+        raise click.UsageError("give exactly one of --detections DIR, --run RUN_DIR, --model FILE")
+    if fast_path and not (detections is None and ablations):
+        raise click.UsageError("--fast-path needs --run (or --model) and --ablations")
+    if detections is None:
+        run, source = open_run_or_model(run_dir, model, out_dir, devkit)
         test = fast_test(speed)
         if ablations:
-            _eval_ablations(run_dir, devkit, split, limit, json_out, test, fast_path)
+            _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
-        _eval_run(run_dir, devkit, split, limit, test, name, json_out)
+        _eval_run(run, source, devkit, split, limit, test, name, json_out)
         return
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
@@ -91,14 +105,31 @@ def command(
         plot_pr_curves(result.per_class, plots / "pr_curves.png")
 
 
-def _eval_run(run_dir, devkit, split, limit, test, name, json_out):
-    from sppdet.evaluate import evaluate_run
+def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
+    """``(run, source)``: the run directory and where its trained parts come from (None: the
+    run itself; with ``--model``: the model file, its run a directory for proposals and
+    outputs)."""
     from sppdet.run import Run
+
+    if run_dir is not None:
+        return Run.open(run_dir), None
+    from sppdet.model_file import model_run, read_model
+
+    source = read_model(model, device)
+    root = out_dir if out_dir is not None else Path("runs") / model.stem
+    return model_run(source, root, devkit=devkit), source
+
+
+def _eval_run(run, source, devkit, split, limit, test, name, json_out):
+    from sppdet.evaluate import evaluate_run
+    from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
-    run = Run.open(run_dir).with_test(**test)
-    result, summary = evaluate_run(run, split, devkit=str(devkit), limit=limit, out_name=name)
+    run, source = with_test(run, source, test)
+    result, summary = evaluate_run(
+        run, split, devkit=str(devkit), limit=limit, out_name=name, source=source
+    )
     click.echo(format_ap_table(result))
     t = summary["seconds_per_image"]
     click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
@@ -106,16 +137,19 @@ def _eval_run(run_dir, devkit, split, limit, test, name, json_out):
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run_dir, devkit, split, limit, json_out, test, fast_path):
+def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path):
     from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
-    from sppdet.run import Run
+    from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
-    run = Run.open(run_dir).with_test(**test)
-    found = {**ablation_variants(run), **(fast_variants(run) if fast_path else {})}
+    run, source = with_test(run, source, test)
+    parts = run if source is None else source
+    found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}
     variants = {f"{split}_{k}": v for k, v in found.items()}
-    results = evaluate_variants(run, split, variants, devkit=str(devkit), limit=limit)
+    results = evaluate_variants(
+        run, split, variants, devkit=str(devkit), limit=limit, source=source
+    )
     rows = []
     for name, (result, summary) in results.items():
         click.echo(f"\n== {name}\n" + format_ap_table(result))

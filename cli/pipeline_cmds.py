@@ -1,17 +1,12 @@
-"""``extract``, ``finetune``, ``train-svm``, ``train-bbox``, ``train`` and ``detect``."""
+"""``extract``, ``finetune``, ``train-svm``, ``train-bbox`` and ``train``."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import click
 
 from sppdet.backbones import BACKBONES
-from sppdet.detect import SCORERS
 from sppdet.features import MODES
 from sppdet.scales import FIVE_SCALES
-from sppdet_cli.fast_options import fast_options, fast_test
 
 _PRESETS = {"1": "688", "5": ",".join(map(str, FIVE_SCALES))}
 
@@ -212,50 +207,10 @@ def train_command(run_dir, layer, quiet, mode):
     click.echo("train: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
 
 
-@click.command("detect")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "json_out", type=click.Path(), help="Write detections as JSON.")
-@click.option("--out-image", type=click.Path(), help="PNG with boxes (one image) or a directory.")
-@click.option("--score-threshold", type=float, help="Minimum score to report.")
-@click.option("--scorer", type=click.Choice(SCORERS))
-@click.option("--device", help="auto | cpu | cuda[:N].")
-@MODE
-@fast_options
-def detect_command(
-    images, run_dir, json_out, out_image, score_threshold, scorer, device, mode, **kw
-):
-    """Detect objects in images with a trained run; print, draw and/or save them."""
-    from sppdet.predict import detect_images
-
-    open_run(run_dir, mode)
-    test = fast_test(kw, conv_default="auto")
-
-    results = detect_images(
-        [Path(p) for p in images],
-        run_dir,
-        out_image=out_image,
-        device=device,
-        score_threshold=score_threshold,
-        scorer=scorer,
-        test=test,
-    )
-    for res in results:
-        click.echo(f"{res['image']}: {len(res['detections'])} detections")
-        for d in res["detections"]:
-            box = " ".join(f"{v:.1f}" for v in d["box"])
-            click.echo(f"  {d['class']:<14s} {d['score']:7.3f}  {box}")
-    if json_out:
-        from sppdet.storage import atomic_write_text
-
-        atomic_write_text(json_out, json.dumps(results, indent=2) + "\n")
-
-
 COMMANDS = [
     extract_command,
     finetune_command,
     train_svm_command,
     train_bbox_command,
     train_command,
-    detect_command,
 ]

@@ -47,9 +47,12 @@ METHODS: dict[str, dict] = {
 TIMED = tuple(s for s in STAGES if s != "proposals")
 
 
-def _detector(base: Detector, run: Run, features: dict) -> Detector:
-    cfg = dataclasses.replace(run.config.features, **features)
-    extractor = FeatureExtractor(cfg, run.device)
+def _detector(base: Detector, run: Run, features: dict, source=None) -> Detector:
+    if source is None:
+        cfg = dataclasses.replace(run.config.features, **features)
+        extractor = FeatureExtractor(cfg, run.device)
+    else:  # a model file: its own trunk weights
+        extractor = source.with_features(**features).extractor
     return Detector(
         extractor,
         base.spp,
@@ -72,12 +75,15 @@ def bench(
     methods: tuple[str, ...] = tuple(METHODS),
     progress: bool = True,
     rcnn_batch: int | None = None,
+    source=None,
 ) -> dict:
     """Time each method of :data:`METHODS` on the first ``limit`` images of ``split``.
 
     The run's test config (scorer, SVD ranks, fc dtype, dedup) applies to every method.
     R-CNN mode runs ``rcnn_batch`` windows per conv pass (default: ``FeatureConfig``'s, the
     fastest measured here, rather than the run's, which only bounded memory at extraction).
+    ``source``: a :class:`~sppdet.model_file.ModelFile` whose parts are timed (``run`` is then
+    its :func:`~sppdet.model_file.model_run`), else the run's own.
 
     Returns:
         A JSON-ready dict with, per method, ``stages`` (seconds per image), ``seconds_per_image``
@@ -88,12 +94,12 @@ def bench(
     if len(ds) == 0:
         raise ValueError(f"split {split} has no images")
     props = run.proposals(ds)
-    base = load_detector(run, classes=ds.classes)
+    base = load_detector(run if source is None else source, run.config.test, classes=ds.classes)
     batch = FeatureConfig().rcnn_batch if rcnn_batch is None else rcnn_batch
     features = {
         m: {**METHODS[m], **({"rcnn_batch": batch} if m == "rcnn" else {})} for m in methods
     }
-    dets = {m: _detector(base, run, features[m]) for m in methods}
+    dets = {m: _detector(base, run, features[m], source) for m in methods}
     timers = {m: StageTimer(run.device) for m in methods}
     other = defaultdict(float)
     windows = []

@@ -30,7 +30,7 @@ from sppdet.detect import (
 )
 from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
-from sppdet.model import load_detector, load_detectors, needed_parts, trained_parts
+from sppdet.model import RunParts, load_detector, load_detectors, needed_parts
 from sppdet.rcnn import RCNNProvider
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
@@ -82,25 +82,27 @@ FAST_VARIANTS: dict[str, dict] = {
 }
 
 
-def fast_variants(run: Run) -> dict[str, TestConfig]:
+def fast_variants(source) -> dict[str, TestConfig]:
     """The :data:`FAST_VARIANTS` (needs the fc7 SVMs, the head and the box regressors)."""
-    base = ablation_variants(run).get("fc7_bb")
+    base = ablation_variants(source).get("fc7_bb")
     if base is None:
-        raise SppdetError(f"the fast-path variants need fc7 SVMs and box regressors in {run.root}")
+        raise SppdetError("the fast-path variants need fc7 SVMs and box regressors")
     exact = dataclasses.replace(base, **EXACT)
     return {name: dataclasses.replace(exact, **ch) for name, ch in FAST_VARIANTS.items()}
 
 
-def ablation_variants(run: Run) -> dict[str, TestConfig]:
-    """The :data:`ABLATIONS` whose trained parts exist in ``run``."""
-    have = trained_parts(run)
+def ablation_variants(source) -> dict[str, TestConfig]:
+    """The :data:`ABLATIONS` whose trained parts exist in ``source`` (a run, or a model file's
+    :class:`~sppdet.model_file.ModelFile`), over its test settings."""
+    parts = RunParts(source) if isinstance(source, Run) else source
+    have = parts.have()
     out = {}
     for name, changes in ABLATIONS.items():
-        test = dataclasses.replace(run.config.test, **changes)
+        test = dataclasses.replace(parts.test, **changes)
         if all(n in have for n in needed_parts(test)):
             out[name] = test
     if not out:
-        raise SppdetError(f"nothing trained in {run.root}; run `sppdet train {run.root}`")
+        raise SppdetError("nothing trained: run `sppdet train RUN`")
     return out
 
 
@@ -112,11 +114,18 @@ def evaluate_run(
     limit: int | None = None,
     out_name: str | None = None,
     progress: bool = True,
+    source=None,
 ) -> tuple[EvalResult, dict]:
     """Detect over ``split`` with the run's test config; see :func:`evaluate_variants`."""
     name = out_name or split
     results = evaluate_variants(
-        run, split, {name: run.config.test}, devkit=devkit, limit=limit, progress=progress
+        run,
+        split,
+        {name: run.config.test},
+        devkit=devkit,
+        limit=limit,
+        progress=progress,
+        source=source,
     )
     return results[name]
 
@@ -129,6 +138,7 @@ def evaluate_variants(
     devkit: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    source=None,
 ) -> dict[str, tuple[EvalResult, dict]]:
     """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
 
@@ -137,9 +147,12 @@ def evaluate_variants(
     Outputs go to ``RUN/eval/<name>/`` per variant. Conv maps come from the split's cache when
     feature caching is on (computed and stored otherwise); the conv timing is then the cache load
     time, so ``sppdet bench`` measures conv time separately.
+
+    ``source``: where the trained parts come from (default: ``run`` itself; a
+    :class:`~sppdet.model_file.ModelFile` with the run of :func:`~sppdet.model_file.model_run`).
     """
     ds = run.dataset(split, devkit=devkit, limit=limit)
-    detectors = load_detectors(run, variants, classes=ds.classes)
+    detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
     props = run.proposals(ds)
     provider = run.provider(split)
     per_class = {name: defaultdict(list) for name in variants}

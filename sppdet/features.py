@@ -100,13 +100,24 @@ class FeatureExtractor:
     ``trunk_id`` says which: "frozen" or the fine-tuned model's id.
     """
 
-    def __init__(self, config: FeatureConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: FeatureConfig,
+        device: torch.device | str = "cpu",
+        *,
+        trunk_state: dict | None = None,
+    ) -> None:
+        """``trunk_state``: the tapped trunk's weights (a model file's) instead of
+        ``config.weights``."""
         if config.mode not in MODES:
             raise ConfigError(f"unknown features.mode {config.mode!r}; expected one of {MODES}")
         self.config = config
         self.device = torch.device(device)
         self.spec: BackboneSpec = backbone_spec(config.backbone)
-        net = build_backbone(config.backbone, config.weights, seed=config.seed).to(self.device)
+        net = build_backbone(config.backbone, config.weights, seed=config.seed)
+        if trunk_state is not None:
+            net.load_state_dict(trunk_state)
+        net = net.to(self.device)
         lower, self.top_module = split_top(net, config.top_blocks, config.mode)
         self.net = stripe_trunk(
             lower,

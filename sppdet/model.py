@@ -95,16 +95,56 @@ def uses_head(test: TestConfig) -> bool:
     return test.scorer == "softmax" or (test.scorer == "svm" and test.layer != "pool5")
 
 
-def extractor_for(run: Run, test: TestConfig) -> FeatureExtractor:
+class RunParts:
+    """The trained parts of a run directory, read on demand (what :func:`load_detectors`
+    needs; :class:`sppdet.model_file.ModelFile` offers the same from one exported file)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        c = run.config
+        self.device, self.spp, self.proposals, self.test = run.device, c.spp, c.proposals, c.test
+        self.conv_blocks = c.finetune.conv_blocks
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        return self.run.extractor
+
+    @property
+    def tuned_extractor(self) -> FeatureExtractor:
+        return self.run.tuned_extractor
+
+    def classes(self) -> tuple[str, ...]:
+        return run_classes(self.run)
+
+    def have(self) -> set[str]:
+        return trained_parts(self.run)
+
+    def head(self) -> FCHead | None:
+        return load_run_head(self.run) if head_path(self.run).exists() else None
+
+    def require_head(self) -> FCHead:
+        return load_run_head(self.run)
+
+    def svms(self, layer: str) -> LinearSVMs:
+        return load_svms(self.run, layer)
+
+    def bbox(self) -> BBoxRegressor:
+        return load_bbox(self.run)
+
+
+def extractor_for(parts, test: TestConfig) -> FeatureExtractor:
     """The trunk a test variant runs: fine-tuned when its scorer or its box regressors were
-    trained on the fine-tuned trunk (``finetune.conv_blocks``), else the frozen one."""
-    tuned_bbox = test.bbox_reg and run.config.finetune.conv_blocks > 0
+    trained on the fine-tuned trunk (``finetune.conv_blocks``), else the frozen one.
+
+    ``parts``: a :class:`RunParts` or a :class:`~sppdet.model_file.ModelFile`.
+    """
+    tuned_bbox = test.bbox_reg and parts.conv_blocks > 0
     if test.scorer == "svm" and test.layer == "pool5" and tuned_bbox:
         raise SppdetError(
             "pool5 SVMs score the frozen trunk's vectors but this run's box regressors were "
             "trained on the fine-tuned trunk: evaluate pool5 SVMs without box regression"
         )
-    return run.tuned_extractor if (uses_head(test) or tuned_bbox) else run.extractor
+    return parts.tuned_extractor if (uses_head(test) or tuned_bbox) else parts.extractor
 
 
 def run_classes(run: Run) -> tuple[str, ...]:
@@ -117,54 +157,58 @@ def run_classes(run: Run) -> tuple[str, ...]:
 
 
 def load_detector(
-    run: Run, test: TestConfig | None = None, *, classes: tuple[str, ...] | None = None
+    source, test: TestConfig | None = None, *, classes: tuple[str, ...] | None = None
 ) -> Detector:
-    """A detector from the run's trained parts and its test config (or ``test``).
+    """A detector from a run's trained parts (or a model file's) and its test config (or
+    ``test``).
 
-    ``classes``: the class names when the caller has them (else :func:`run_classes`).
+    Args:
+        source: a :class:`~sppdet.run.Run` or a :class:`~sppdet.model_file.ModelFile`.
+        classes: the class names when the caller has them (else the run's / the file's).
     """
-    test = run.config.test if test is None else test
-    return load_detectors(run, {"": test}, classes=classes)[""]
+    parts = RunParts(source) if isinstance(source, Run) else source
+    test = parts.test if test is None else test
+    return load_detectors(parts, {"": test}, classes=classes)[""]
 
 
 def load_detectors(
-    run: Run, variants: dict[str, TestConfig], *, classes: tuple[str, ...] | None = None
+    source, variants: dict[str, TestConfig], *, classes: tuple[str, ...] | None = None
 ) -> dict[str, Detector]:
-    """One detector per test variant; each trained part is loaded once and shared."""
-    parts: dict = {}
+    """One detector per test variant of a run or model file (as :func:`load_detector`); each
+    trained part is loaded once and shared between them."""
+    parts = RunParts(source) if isinstance(source, Run) else source
+    loaded: dict = {}
 
     def part(key: str, load):
-        if key not in parts:
-            parts[key] = load()
-        return parts[key]
+        if key not in loaded:
+            loaded[key] = load()
+        return loaded[key]
 
     if classes is None:
-        classes = run_classes(run)
+        classes = parts.classes()
     out = {}
     for name, test in variants.items():
-        extractor = extractor_for(run, test)  # checks the variant before anything loads
-        need = needed_parts(test)
-        head = part("head", lambda: load_run_head(run)) if "head" in need else None
-        if head is None and head_path(run).exists():
-            head = part("head", lambda: load_run_head(run))
+        extractor = extractor_for(parts, test)  # checks the variant before anything loads
+        head = part("head", parts.head)
+        if head is None and uses_head(test):
+            parts.require_head()  # raises, saying where the head should be
         svms = None
         if test.scorer == "svm":
-            svms = part(f"svm_{test.layer}", lambda t=test: load_svms(run, t.layer))
-        bbox = part("bbox", lambda: load_bbox(run)) if test.bbox_reg else None
+            svms = part(f"svm_{test.layer}", lambda t=test: parts.svms(t.layer))
+        bbox = part("bbox", parts.bbox) if test.bbox_reg else None
         out[name] = Detector(
             extractor,
-            run.config.spp,
+            parts.spp,
             head,
             svms,
             bbox,
             bbox.feature_scale if bbox is not None else 1.0,
             classes,
             test,
-            propose=_proposer(run),
+            propose=_proposer(parts.proposals),
         )
     return out
 
 
-def _proposer(run: Run):
-    cfg = run.config.proposals
+def _proposer(cfg):
     return lambda image: propose(image, cfg)

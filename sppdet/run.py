@@ -210,7 +210,19 @@ class Run:
         if conv_dtype is not None and conv_dtype != config.features.conv_dtype:
             features = dataclasses.replace(config.features, conv_dtype=conv_dtype, cache=False)
             config = dataclasses.replace(config, features=features)
-        return Run(self.root, config)
+        out = Run(self.root, config)
+        if config.features == self.config.features:  # same trunk: keep the built extractors
+            for key in ("extractor", "tuned_extractor"):
+                if key in self.__dict__:
+                    out.__dict__[key] = self.__dict__[key]
+        return out
+
+    def with_extractors(self, frozen: FeatureExtractor, tuned: FeatureExtractor) -> Run:
+        """The same run with these extractors (e.g. a model file's trunk, see
+        :func:`sppdet.model_file.model_run`) instead of ones built from ``features.weights``."""
+        out = Run(self.root, self.config)
+        out.__dict__["extractor"], out.__dict__["tuned_extractor"] = frozen, tuned
+        return out
 
     @cached_property
     def device(self):

@@ -141,13 +141,23 @@ def test_detect_writes_json_and_png(trained):
     first = (data / "VOC2007/ImageSets/Main/val.txt").read_text().split()[0]
     image = data / "VOC2007" / "JPEGImages" / f"{first}.jpg"
     dj, png = root / "detections.json", root / "detections.png"
-    out = invoke("detect", image, "--run", run, "--json", dj, "--out-image", png)
+    # 30 fine-tuning steps leave the SVMs unsure: report down to the run's eval threshold
+    args = ("detect", image, "--run", run, "--score-threshold", -1.5)
+    out = invoke(*args, "--json", dj, "--out-image", png)
     results = json.loads(dj.read_text())
     assert isinstance(results, list) and len(results) == 1
     assert results[0]["image"] == str(image)
     dets = results[0]["detections"]
     assert f"{len(dets)} detections" in out.output
-    assert 0 < len(dets) <= 100  # the default score threshold keeps some; max_per_image caps
+    assert 0 < len(dets) <= 100  # the threshold keeps some; max_per_image caps
+    assert min(d["score"] for d in dets) >= -1.5
+    # the default threshold depends on the scorer: 0 for SVM margins, 0.5 for probabilities
+    for scorer, threshold in (("svm", 0.0), ("softmax", 0.5)):
+        invoke("detect", image, "--run", run, "--scorer", scorer, "--json", dj)
+        shown = json.loads(dj.read_text())[0]["detections"]
+        assert all(d["score"] >= threshold for d in shown), scorer
+        if scorer == "svm":
+            assert shown == [d for d in dets if d["score"] >= 0]
     scores = [d["score"] for d in dets]
     assert scores == sorted(scores, reverse=True)
     for d in dets:

@@ -1,0 +1,102 @@
+"""``detect`` (a run, a model file or the shipped model on images) and ``export`` (a run to a
+model file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sppdet.detect import SCORERS
+from sppdet_cli.fast_options import fast_options, fast_test
+from sppdet_cli.pipeline_cmds import MODE, open_run
+
+_DIR = click.Path(exists=True, file_okay=False)
+_FILE = click.Path(exists=True, dir_okay=False)
+
+
+@click.command("detect")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--run", "run_dir", type=_DIR, help="A trained run directory.")
+@click.option(
+    "--model",
+    type=_FILE,
+    help="A model file (`sppdet export`). Without --run and --model: the shipped "
+    "models/sppdet_voc07.pt.",
+)
+@click.option("--json", "json_out", type=click.Path(), help="Write detections as JSON.")
+@click.option("--out-image", type=click.Path(), help="PNG with boxes (one image) or a directory.")
+@click.option(
+    "--score-threshold",
+    type=float,
+    help="Report detections scoring at least this. Default: 0 for SVM scores (a positive SVM "
+    "margin: the SVM calls the window its class; R-CNN's test threshold), 0.5 for softmax "
+    "probabilities.",
+)
+@click.option(
+    "--scorer",
+    type=click.Choice(SCORERS),
+    help="Scores (default: the run's or model's test setting).",
+)
+@click.option("--device", help="auto | cpu | cuda[:N].")
+@MODE
+@fast_options
+def detect_command(
+    images, run_dir, model, json_out, out_image, score_threshold, scorer, device, mode, **kw
+):
+    """Detect objects in images; print class, score and box per detection, draw and/or save
+    them."""
+    from sppdet.predict import detect_images, detector_for
+
+    if run_dir is not None and model is not None:
+        raise click.UsageError("give at most one of --run RUN and --model MODEL")
+    if run_dir is not None:
+        open_run(run_dir, mode)
+    elif mode is not None:
+        raise click.UsageError("--mode checks a run: it needs --run")
+    test = {"scorer": scorer, **fast_test(kw, conv_default="auto")}
+    detector = detector_for(run_dir, model, device=device, test=test)
+    results = detect_images(
+        [Path(p) for p in images], detector, out_image=out_image, score_threshold=score_threshold
+    )
+    for res in results:
+        click.echo(f"{res['image']}: {len(res['detections'])} detections")
+        for d in res["detections"]:
+            box = " ".join(f"{v:.1f}" for v in d["box"])
+            click.echo(f"  {d['class']:<14s} {d['score']:7.3f}  {box}")
+    if json_out:
+        from sppdet.storage import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(results, indent=2) + "\n")
+
+
+@click.command("export")
+@click.argument("run_dir", type=_DIR)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Weight matrices' storage (float32: a bit-exact copy of the run).",
+)
+@click.option(
+    "--eval",
+    "eval_name",
+    help="RUN/eval/<NAME>/eval.json whose mAP the file states (default: the run's test "
+    "settings evaluated on VOC07 val, if any).",
+)
+def export_command(run_dir, out, dtype, eval_name):
+    """Write a trained run's test path (trunk, fc head, SVMs, box regressors, settings,
+    provenance) to one self-contained model file."""
+    from sppdet.model_file import export_model
+
+    prov = export_model(open_run(run_dir), out, dtype=dtype, eval_name=eval_name)
+    size = Path(out).stat().st_size / 2**20
+    m = prov["map_voc07_val"]
+    stated = "none stated" if m is None else f"{100 * m:.1f}"
+    click.echo(f"export: {out} ({size:.1f} MB, {dtype}); VOC07 val mAP: {stated}")
+
+
+COMMANDS = [detect_command, export_command]

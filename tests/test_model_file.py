@@ -1,0 +1,182 @@
+"""Tests of the self-contained model file (sppdet.model_file, ``sppdet export``) and of the
+trained parts' loaders (sppdet.model), on the tiny synthetic run of tests/test_cli_e2e.py.
+
+float32 export is a bit-exact copy of the run: ``detect --model`` gives ``detect --run``'s
+detections. float16 storage (the default) moves SVM scores by about 1e-3 on these runs (the
+demo-config run: at most 2e-3, the same mAP for every ablation row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sppdet
+from sppdet.bbox_reg import BBoxRegressor
+from sppdet.detect import Detector
+from sppdet.errors import SppdetError
+from sppdet.model import load_bbox, load_detector, load_detectors
+from sppdet.model_file import FORMAT, VERSION, export_model, read_model
+from sppdet.run import Run
+from sppdet_cli.main import cli
+from tests import test_cli_e2e
+from tests.test_cli_e2e import invoke
+
+trained = test_cli_e2e.trained  # the same module-scoped fixture: one tiny trained run
+
+
+@pytest.fixture(scope="module")
+def exported(trained) -> dict[str, Path]:
+    root = trained["root"]
+    out = {"float32": root / "m32.pt", "float16": root / "m16.pt"}
+    for dtype, path in out.items():
+        res = invoke("export", trained["run"], "--out", path, "--dtype", dtype)
+        assert f"export: {path}" in res.output
+    return out
+
+
+def val_images(trained, n: int = 3) -> list[Path]:
+    data = trained["data"] / "VOC2007"
+    ids = (data / "ImageSets/Main/val.txt").read_text().split()[:n]
+    return [data / "JPEGImages" / f"{i}.jpg" for i in ids]
+
+
+def detect_json(tmp: Path, *args) -> list:
+    out = tmp / "d.json"
+    invoke("detect", *args, "--score-threshold", -100, "--json", out)
+    return json.loads(out.read_text())
+
+
+def test_float32_model_detects_exactly_as_the_run(trained, exported, tmp_path):
+    images = val_images(trained)
+    by_run = detect_json(tmp_path, *images, "--run", trained["run"])
+    by_model = detect_json(tmp_path, *images, "--model", exported["float32"])
+    assert sum(len(r["detections"]) for r in by_run) > 10
+    assert by_model == by_run
+    # the softmax rows too, and sppdet.load_model gives the same detector
+    soft = ("--scorer", "softmax")
+    soft_run = detect_json(tmp_path, *images, "--run", trained["run"], *soft)
+    assert detect_json(tmp_path, *images, "--model", exported["float32"], *soft) == soft_run
+    det = sppdet.load_model(exported["float32"], device="cpu")
+    assert isinstance(det, Detector) and det.classes == trained["classes"]
+
+
+def test_float16_model_is_close_to_the_run(trained, exported, tmp_path):
+    images = val_images(trained, 8)
+    run = Run.open(trained["run"])
+    props = [np.array([[2, 2, 40, 40], [30, 20, 90, 80], [10, 50, 60, 95]], np.float32)]
+    a = load_detector(run.with_test(score_threshold=-1e9, fc_dtype="float32"))
+    m = read_model(exported["float16"], "cpu")
+    b = load_detector(m, dataclasses.replace(m.test, score_threshold=-1e9, fc_dtype="float32"))
+    from sppdet.imageio import load_image
+
+    for path in images:
+        image = load_image(path)
+        da, db = a.detect(image, props[0]), b.detect(image, props[0])
+        # the same windows pass NMS; scores within 1e-2 (float16 weights, fp32 arithmetic)
+        assert len(da.scores) == len(db.scores) > 0
+        order_a, order_b = np.lexsort((da.scores, da.labels)), np.lexsort((db.scores, db.labels))
+        np.testing.assert_allclose(da.scores[order_a], db.scores[order_b], atol=1e-2)
+        np.testing.assert_allclose(da.boxes[order_a], db.boxes[order_b], atol=0.5)
+    assert exported["float16"].stat().st_size < 0.6 * exported["float32"].stat().st_size
+
+
+def test_the_file_holds_what_the_test_path_needs(trained, exported):
+    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    assert (blob["format"], blob["version"]) == (FORMAT, VERSION)
+    assert blob["config"]["features"]["backbone"] == "zf5"
+    assert blob["config"]["test"]["scorer"] == "svm" and blob["classes"] == list(trained["classes"])
+    assert set(blob["svms"]) == {"fc7"} and blob["bbox"]["feature_scale"] > 0
+    assert blob["head"]["state"]["fc6.weight"].dtype == torch.float16
+    assert blob["head"]["state"]["fc6.bias"].dtype == torch.float32  # small tensors stay
+    p = blob["provenance"]
+    assert p["training_data"]["split"] == "train" and p["commit"]
+    assert blob["preprocessing"]["scales"] == [64] and len(blob["preprocessing"]["mean"]) == 3
+
+
+def test_eval_with_a_model_file(trained, exported, tmp_path):
+    data = trained["data"]
+    j = tmp_path / "m.json"
+    invoke("eval", "--voc2007", "--model", exported["float32"], "--devkit", data, "--split",
+           "val", "--model-dir", tmp_path / "mrun", "--json", j, "--limit", 4)  # fmt: skip
+    res = json.loads(j.read_text())
+    assert 0 <= res["map"] <= 1 and set(res["ap"]) == set(trained["classes"])
+    assert (tmp_path / "mrun" / "eval" / "val" / "eval.json").is_file()
+
+
+def test_a_file_that_is_not_a_model_is_a_one_line_error(trained, tmp_path):
+    image = val_images(trained, 1)[0]
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a model\n")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "state.pt")
+    for path in (bad, tmp_path / "state.pt"):
+        res = CliRunner().invoke(cli, ["detect", str(image), "--model", str(path)])
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("error: ") and res.output.count("\n") == 1
+        assert "is not an sppdet model file" in res.output
+
+
+def test_other_format_versions_are_refused(exported, tmp_path):
+    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    blob["version"] = VERSION + 1
+    path = tmp_path / "future.pt"
+    torch.save(blob, path)
+    with pytest.raises(SppdetError, match=f"format version {VERSION + 1}.*sppdet export"):
+        read_model(path)
+
+
+def test_no_shipped_model_says_how_to_make_one(trained, monkeypatch, tmp_path):
+    monkeypatch.setattr("sppdet.model_file.DEFAULT_MODEL", tmp_path / "absent.pt")
+    with pytest.raises(SppdetError, match="no model ships yet.*sppdet export"):
+        sppdet.load_model()
+    res = CliRunner().invoke(cli, ["detect", str(val_images(trained, 1)[0])])
+    assert res.exit_code == 2 and "no model ships yet" in res.output
+
+
+def test_export_needs_a_trained_run(tmp_path):
+    from sppdet.run import RunConfig
+
+    run = Run.create(tmp_path / "empty", RunConfig())
+    with pytest.raises(SppdetError, match="nothing trained"):
+        export_model(run, tmp_path / "m.pt")
+
+
+def test_importing_sppdet_has_no_side_effects():
+    code = "import sys, sppdet; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------- sppdet.model (the run)
+
+
+def test_box_regressors_carry_their_feature_scale(trained, tmp_path):
+    run = Run.open(trained["run"])
+    stats = json.loads((trained["run"] / "bbox" / "stats.json").read_text())
+    assert BBoxRegressor.load(run.path("bbox", "bbox.npz")).feature_scale == stats["feature_scale"]
+    # a run trained before the scale was stored: read from stats.json
+    old = Run(tmp_path / "old", run.config)
+    (tmp_path / "old" / "bbox").mkdir(parents=True)
+    (tmp_path / "old" / "bbox" / "stats.json").write_text(json.dumps({"feature_scale": 0.5}))
+    model = dataclasses.replace(load_bbox(run), feature_scale=None)
+    model.save(old.path("bbox", "bbox.npz"))
+    assert load_bbox(old).feature_scale == 0.5
+
+
+def test_detectors_of_one_run_share_their_parts(trained):
+    run = Run.open(trained["run"])
+    tests = {
+        "fc7": dataclasses.replace(run.config.test, bbox_reg=False),
+        "soft": dataclasses.replace(run.config.test, scorer="softmax"),
+    }
+    dets = load_detectors(run, tests)
+    assert dets["fc7"].trained_head is dets["soft"].trained_head
+    assert dets["fc7"].bbox is None and dets["soft"].bbox is not None
