@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sppdet_cli.fast_options import fast_options, fast_test
+from sppdet_cli.fast_options import bench_options, fast_test
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -43,7 +43,7 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 )
 @click.option("--device", help="auto | cpu | cuda[:N] (default: the run's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@fast_options
+@bench_options
 def command(
     devkit,
     split,

@@ -30,6 +30,11 @@ def cli(verbose: bool) -> None:
     # in many sizes, so extraction grew to ~4 GB RSS over 400 images. 16 kept 80 images at
     # 1.5 GB instead of 2.0 GB for the same speed. Read by oneDNN at its first conv.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    # Thread counts are the caller's, set once before any work: the library never changes them
+    # (numba's SPP kernel then runs as many threads as torch; --threads changes both).
+    from sppdet.device import set_threads
+
+    set_threads()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

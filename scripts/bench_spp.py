@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sppdet import spp_cpu
+from sppdet.device import set_threads
 from sppdet.spp import map_windows, spp_pool
 from sppdet.storage import atomic_write_json, git_commit
 
@@ -100,7 +101,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch's and the numba kernel's
     gen = torch.Generator().manual_seed(args.seed)
     fmap = torch.rand(args.channels, args.height, args.width, generator=gen)
     windows = random_windows(args.windows, (args.height, args.width), gen)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sppdet.bench import describe_device, provenance
 from sppdet.datasets import load_voc
+from sppdet.device import set_threads
 from sppdet.features import FeatureConfig, FeatureExtractor
 from sppdet.imageio import load_image
 from sppdet.scales import FIVE_SCALES
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch's and the numba kernel's
     ds = load_voc(args.devkit, args.split, limit=args.limit)
     base = dict(
         backbone=args.backbone,

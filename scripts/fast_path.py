@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from sppdet.bench import provenance
+from sppdet.device import set_threads
 from sppdet.evaluate import evaluate_variants, fast_variants
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
@@ -42,6 +43,7 @@ def main() -> int:
         help="Comma-separated FAST_VARIANTS names to measure (default: all of them).",
     )
     args = p.parse_args()
+    set_threads()  # numba's SPP kernel runs as many threads as torch
 
     commit = git_commit()  # at the start: the code that runs, even if HEAD moves meanwhile
     run = Run.open(args.run)

@@ -18,3 +18,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
     return dev
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set the process's intra-op threads of torch and of numba (the CPU SPP kernel), once,
+    before work starts: the CLI and scripts call this; library calls never change them.
+
+    ``threads``: ``None`` keeps torch's current count and gives numba the same. Returns the
+    count set. numba's threads are launched first: launching its OpenMP pool resets torch's
+    (they share one libgomp), so a process limited to fewer threads would go back to all cores.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    try:
+        import numba
+    except ImportError:  # the torch fallback of sppdet.spp_cpu needs no numba
+        numba = None
+    if numba is not None:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(threads)
+    return threads

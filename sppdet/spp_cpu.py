@@ -104,8 +104,7 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
     win = np.ascontiguousarray(windows.numpy().astype(np.int64))
     starts = np.cumsum([0] + [c * n * n for n in levels])
     out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    # numba's thread count is the caller's to set, once (sppdet.device.set_threads)
     kernel = _get(_kernel)
     todo = sorted(range(len(levels)), key=lambda k: -levels[k])  # finest first
     while todo:
@@ -116,9 +115,4 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
         todo = [k for k in todo if k not in group]
         nested = np.array([levels[k] for k in group], dtype=np.int64)
         kernel(hwc, win, n, nested, starts[group].astype(np.int64), out)
-    if torch.get_num_threads() != threads:
-        # numba's OpenMP layer starts NUMBA_NUM_THREADS workers on its first launch, which also
-        # resets torch's OpenMP pool (one libgomp): a process limited to 1 thread (e.g. beside
-        # another job) silently went back to all cores. Restore the caller's setting.
-        torch.set_num_threads(threads)
     return torch.from_numpy(out).to(fmap.dtype)
