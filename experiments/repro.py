@@ -13,9 +13,9 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sppdet.configutil import merge, to_dict
+from sppdet.configutil import to_dict
 from sppdet.errors import ConfigError, SppdetError
-from sppdet.run import RunConfig
+from sppdet.run import run_config
 
 # Keys that must be equal for a rerun to be a reproduction of the committed result ("config" is
 # compared after both are merged onto today's defaults, see _config; "command" by its arguments,
@@ -128,7 +128,7 @@ def _config(result: Mapping, name: str) -> dict[str, Any]:
     :data:`SPEED_ONLY_KEYS` are dropped.
     """
     try:
-        config = to_dict(merge(RunConfig(), result.get("config") or {}, f"{name} config"))
+        config = to_dict(run_config(result.get("config"), f"{name} config"))
     except ConfigError as e:
         raise NotAReproductionError(str(e)) from e
     for dotted in SPEED_ONLY_KEYS:

@@ -75,9 +75,8 @@ class FeatureConfig:
 class SPPConfig:
     """Window mapping and pyramid (paper appendix, section 4)."""
 
-    levels: tuple[int, ...] = (6, 3, 2, 1)  # detection pyramid: 50 bins (paper 4.1)
-    rule: str = "paper"  # "paper" (floor+1 / ceil-1) or "round" (released spm_response_boxes.m)
-    shrink: float = 0.0  # inward shift for the "round" rule, in pixels
+    levels: tuple[int, ...] = (6, 3, 2, 1)  # detection pyramid: 50 bins (paper 4.1); windows
+    # map to cells by the paper's rule (floor + 1 / ceil - 1, sppdet.spp.map_windows)
 
 
 @dataclass(frozen=True)
@@ -384,8 +383,6 @@ def window_cells(
             stride=spec.stride,
             offset=spec.offset,
             fmap_size=tuple(m.fmap.shape[1:]),
-            rule=spp.rule,
-            shrink=spp.shrink,
         ).cpu()
     return which, cells
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -94,11 +95,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: Settings removed because nothing used them (every committed config and results file has the
+#: value kept here): ``spp.rule`` "round" and ``spp.shrink`` (the released code's window
+#: mapping), ``finetune.init`` "torch" (PyTorch's fc init, measured worse than He's). Old
+#: ``config.yaml`` and ``results/*.json`` configs still carry them: the kept value is read with
+#: a warning, any other is an error (that run cannot be reproduced by this code).
+REMOVED_KEYS: dict[tuple[str, str], Any] = {
+    ("spp", "rule"): "paper",
+    ("spp", "shrink"): 0.0,
+    ("finetune", "init"): "he",
+}
+
+
+def run_config(
+    data: Mapping[str, Any] | None, where: str, base: RunConfig | None = None
+) -> RunConfig:
+    """``base`` (default: the defaults) with the nested mapping ``data`` merged in, strictly
+    (unknown keys are errors), the :data:`REMOVED_KEYS` accepted at their kept value."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (data or {}).items()}
+    for (section, key), kept in REMOVED_KEYS.items():
+        if key not in data.get(section, {}):
+            continue
+        value = data[section].pop(key)
+        if value != kept:
+            raise ConfigError(
+                f"{where}: {section}.{key} = {value!r} was removed (only {kept!r} remains)"
+            )
+        log.warning("%s: %s.%s was removed (always %r now); ignored", where, section, key, kept)
+    return merge(RunConfig() if base is None else base, data, where)
+
+
 def build_config(yaml_path: str | Path | None = None, **overrides: dict) -> RunConfig:
     """Defaults, then the YAML deltas, then per-section overrides (from CLI options)."""
     cfg = RunConfig()
     if yaml_path is not None:
-        cfg = merge(cfg, load_yaml(yaml_path), str(yaml_path))
+        cfg = run_config(load_yaml(yaml_path), str(yaml_path))
     delta = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()}
     return merge(cfg, {k: v for k, v in delta.items() if v}, "command line")
 
@@ -191,7 +222,7 @@ class Run:
             raise SppdetError(
                 f"{root} is not a run directory (no {CONFIG_FILE}); run extract first"
             )
-        return cls(root, merge(RunConfig(), load_yaml(path), str(path)))
+        return cls(root, run_config(load_yaml(path), str(path)))
 
     def with_test(self, conv_dtype: str | None = None, **changes: Any) -> Run:
         """The same run with test-time settings changed (not written to disk).

@@ -122,9 +122,8 @@ def test_real_configs():
     feat = merge(FeatureConfig(), {"scales": [480, 576, 688], "weights": None, "backbone": "zf5"})
     assert feat.scales == (480, 576, 688)
     assert feat.backbone == "zf5"
-    spp = merge(SPPConfig(), {"levels": [4, 3, 2, 1], "shrink": 4})
+    spp = merge(SPPConfig(), {"levels": [4, 3, 2, 1]})
     assert spp.levels == (4, 3, 2, 1)
-    assert spp.shrink == 4.0
     with pytest.raises(ConfigError, match="'scale'"):
         merge(FeatureConfig(), {"scale": [688]})
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from sppdet.errors import CacheMismatchError, ConfigError
-from sppdet.run import Run, build_config
+from sppdet.run import REMOVED_KEYS, Run, build_config, run_config
 
 
 def _cfg(**sections):
@@ -119,3 +122,26 @@ def test_finetune_settings_from_the_command_line_are_stored_until_fine_tuning_st
     assert Run.open(tmp_path).with_finetune(conv_blocks=2).config.finetune.conv_blocks == 2
     with pytest.raises(CacheMismatchError, match="conv_blocks"):
         Run.open(tmp_path).with_finetune(conv_blocks=1)
+
+
+def test_removed_settings_load_at_their_kept_value_only(tmp_path, caplog):
+    kept = {}
+    for (section, key), value in REMOVED_KEYS.items():
+        kept.setdefault(section, {})[key] = value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**kept, "workers": 2}))
+    with caplog.at_level("WARNING", logger="sppdet.run"):
+        run = Run.open(tmp_path)
+    assert run.config.workers == 2 and "spp.rule was removed" in caplog.text
+    kept["spp"]["rule"] = "round"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(kept))
+    with pytest.raises(ConfigError, match="spp.rule = 'round' was removed"):
+        Run.open(tmp_path)
+
+
+def test_committed_results_configs_still_load():
+    files = sorted(Path("results").glob("*.json"))
+    configs = [(f, json.loads(f.read_text()).get("config")) for f in files]
+    configs = [(f, c) for f, c in configs if c]
+    assert configs, "no results with a config"
+    for f, c in configs:
+        run_config(c, str(f))
