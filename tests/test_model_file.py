@@ -180,3 +180,35 @@ def test_detectors_of_one_run_share_their_parts(trained):
     dets = load_detectors(run, tests)
     assert dets["fc7"].trained_head is dets["soft"].trained_head
     assert dets["fc7"].bbox is None and dets["soft"].bbox is not None
+
+
+def test_conv_finetuned_run_exports_its_tuned_blocks(trained, tmp_path):
+    """A run that fine-tuned its top conv block: the file holds the tuned block, and the
+    float32 export detects exactly as the run (fc7 SVMs and box regression on the tuned trunk)."""
+    cfg = tmp_path / "cfg.yaml"
+    # ZF-5's children end conv5, relu5: the top 2 hold conv5
+    text = test_cli_e2e.CONFIG.replace("features:\n", "features:\n  top_blocks: 2\n")
+    cfg.write_text(text.replace("finetune:\n", "finetune:\n  conv_blocks: 2\n"))
+    run = tmp_path / "run"
+    invoke("extract", "--devkit", trained["data"], "--split", "train", "--out", run,
+           "--config", cfg, "--limit", 4)  # fmt: skip
+    invoke("train", run, "--quiet")
+    model = tmp_path / "m.pt"
+    invoke("export", run, "--out", model, "--dtype", "float32")
+    blob = torch.load(model, map_location="cpu", weights_only=True)
+    assert "0.weight" in blob["trunk_top"] and blob["config"]["conv_blocks"] == 2
+    tuned, frozen = blob["trunk_top"]["0.weight"], blob["trunk"]["12.weight"]
+    assert tuned.shape == frozen.shape and not torch.equal(tuned, frozen)
+    images = val_images(trained, 2)
+    assert detect_json(tmp_path, *images, "--model", model) == detect_json(
+        tmp_path, *images, "--run", run
+    )
+
+
+def test_bench_with_a_model_file(trained, exported, tmp_path):
+    out = invoke("bench", "--devkit", trained["data"], "--limit", 1, "--model",
+                 exported["float16"], "--model-dir", tmp_path / "mrun", "--methods",
+                 "spp_1scale", "--out-dir", tmp_path, "--name", "b", "--quiet")  # fmt: skip
+    assert "spp_1scale" in out.output
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["methods"]["spp_1scale"]["seconds_per_image"] > 0
