@@ -5,10 +5,16 @@ Importing this package has no side effects; stages live in their own modules.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no import at run time: importing sppdet stays free of torch
+    from sppdet.detect import Detector
+
 __version__ = "0.1.0"
 
 
-def load_model(path: str | None = None, *, device: str = "auto"):
+def load_model(path: str | os.PathLike | None = None, *, device: str = "auto") -> Detector:
     """The detector of a model file (``sppdet export``), or of the shipped model without one.
 
     Returns a :class:`sppdet.detect.Detector`: ``load_model().detect(image)`` with ``image`` a
