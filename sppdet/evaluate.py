@@ -102,7 +102,8 @@ def ablation_variants(source) -> dict[str, TestConfig]:
         if all(n in have for n in needed_parts(test)):
             out[name] = test
     if not out:
-        raise SppdetError("nothing trained: run `sppdet train RUN`")
+        where = source.root if isinstance(source, Run) else source.path
+        raise SppdetError(f"nothing trained in {where}; run `sppdet train RUN`")
     return out
 
 
