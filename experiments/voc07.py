@@ -52,6 +52,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-val", type=int, help="First N val images only (quick runs).")
     p.add_argument("--results", type=Path, default=ROOT / "results")
     p.add_argument(
+        "--recipe",
+        help="Short name of the recipe in the results files (default: the config's file name).",
+    )
+    p.add_argument(
         "--lanes",
         type=int,
         choices=(1, 2),
@@ -109,6 +113,7 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
         variant = summary["variant"].removeprefix("val_")
         out = {
             "protocol": PROTOCOL,
+            "recipe": args.recipe or args.config.stem,
             "variant": variant,
             "backbone": feats["backbone"],
             "weights": weights,

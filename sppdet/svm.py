@@ -58,10 +58,13 @@ class SVMConfig:
     # py-faster-rcnn train_svms.py uses -1.1)
     retrain_every: int = 2000  # retrain after this many new hard negatives (rcnn retrain_limit)
     target_norm: float = 20.0  # features scaled to this mean L2 norm (rcnn_feature_stats)
-    max_negatives_per_class: int = 50000  # cache bound (ours; memory up to K * 1.25 * this *
+    max_negatives_per_class: int = 15000  # cache bound (ours; memory up to K * 1.25 * this *
     # D * 4 bytes between trims): training sees at most this many, the hardest
     max_cache_gb: float = 3.0  # all classes' negative caches together (ours): lowers the
     # per-class bound for wide features (pool5 of 4,800 dims: 15,000 x 20 classes took 9.4 GB)
+    use_difficult: bool = False  # difficult objects as positives, and windows overlapping them
+    # not negatives: R-CNN's roidb_from_voc.m keeps every object for SVM training (SPP-net
+    # reuses it); py-faster-rcnn drops them. False: the earlier results' protocol
     dedup_neg_iou: float | None = None  # paper: drop a negative overlapping another by > 0.7.
     # Off by default: the released spp_train.m does not do it, and the 0.3-IoU rule plus
     # eviction already keeps the cache small; set 0.7 to follow the paper.

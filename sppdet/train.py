@@ -92,9 +92,11 @@ def _image_features(run: Run, provider, rec, boxes, head, layer, flip=False) -> 
         return torch.cat([head.embed(c, layer) for c in x.split(run.config.test.fc_batch)])
 
 
-def _labelled(ds, props) -> Iterator:
+def _labelled(ds, props, use_difficult: bool = False) -> Iterator:
     for rec in ds:
-        keep = ~rec.difficult  # difficult objects are not used for training (py-faster-rcnn)
+        # py-faster-rcnn drops difficult objects from training; R-CNN's SVMs keep them
+        # (see SVMConfig.use_difficult)
+        keep = np.ones(len(rec.difficult), bool) if use_difficult else ~rec.difficult
         lw = label_windows(
             props.boxes_for(rec.image_id), rec.boxes[keep], rec.labels[keep], len(ds.classes)
         )
@@ -138,7 +140,10 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
     trainer = _svm_with_positives(run, ds, provider, head, layer, scale, progress)
     for rec, lw, _ in tqdm(
-        _labelled(ds, props), total=len(ds), desc=f"svm {layer}", disable=not progress
+        _labelled(ds, props, run.config.svm.use_difficult),
+        total=len(ds),
+        desc=f"svm {layer}",
+        disable=not progress,
     ):
         x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
         # Positives are all in already; GT rows here only serve as other classes' negatives.
@@ -166,7 +171,7 @@ def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) ->
     """
     xs, ys = [], []
     for rec in tqdm(ds, desc=f"svm {layer} positives", disable=not progress):
-        keep = ~rec.difficult
+        keep = np.ones(len(rec.difficult), bool) if run.config.svm.use_difficult else ~rec.difficult
         if keep.any():
             x = _image_features(run, provider, rec, rec.boxes[keep], head, layer)
             xs.append(x.cpu().numpy() * scale)

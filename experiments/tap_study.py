@@ -1,0 +1,94 @@
+"""The tap / conv fine-tuning table of issue 17 on the 300 -> 300 protocol.
+
+Each row is one trained run (first 300 VOC2007 train images -> first 300 val images, 1 scale):
+its ``eval --ablations`` results (``RUN/eval/val_*/eval.json``) and fine-tuning metrics. A row
+whose run did not train pool5 SVMs takes its pool5 row from ``POOL5_RUN`` (the same frozen
+features: pool5 SVMs never see the fine-tuned trunk). Writes one JSON with the commands'
+configs, the commit and the machine, and prints a markdown table.
+
+Usage::
+
+    .venv/bin/python -m experiments.tap_study --out results/tap_study_voc300.json \\
+        --row "features[13], frozen=runs/ft_mnv2" \\
+        --row "features[17] dilated, frozen=runs/ft_d17_frozen,runs/probe_mobilenet_v2_d17"
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from experiments.voc07 import machine
+from sppdet.storage import atomic_write_json, read_json
+
+VARIANTS = ("pool5", "fc7", "fc7_bb", "softmax", "softmax_bb", "random")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--row", action="append", required=True, help="LABEL=RUN[,POOL5_RUN]")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args()
+
+
+def row(label: str, runs: str) -> dict:
+    run, _, pool5_run = runs.partition(",")
+    run = Path(run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    evals = {}
+    for v in VARIANTS:
+        src = Path(pool5_run) if (v == "pool5" and pool5_run) else run
+        path = src / "eval" / f"val_{v}" / "eval.json"
+        if not path.exists() and v == "pool5":
+            path = src / "eval" / "val_pool5" / "eval.json"
+        if path.exists():
+            evals[v] = read_json(path)
+    ft = run / "finetune" / "metrics.json"
+    metrics = read_json(ft) if ft.exists() else {}
+    return {
+        "label": label,
+        "run": str(run),
+        "pool5_run": pool5_run or str(run),
+        "backbone": cfg["features"]["backbone"],
+        "top_blocks": cfg["features"].get("top_blocks", 0),
+        "conv_blocks": cfg["finetune"].get("conv_blocks", 0),
+        "conv_lr": cfg["finetune"].get("conv_lr"),
+        "map": {v: e["map"] for v, e in evals.items()},
+        "ap": {v: e["ap"] for v, e in evals.items()},
+        "val_images": {v: e["images"] for v, e in evals.items()},
+        "commit": {v: e.get("commit") for v, e in evals.items()},
+        "finetune_seconds": metrics.get("seconds"),
+        "finetune_heldout_accuracy": metrics.get("heldout_accuracy"),
+        "config": cfg,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = "| tap / training | " + " | ".join(VARIANTS) + " |"
+    lines = [head, "|" + "---|" * (len(VARIANTS) + 1)]
+    for r in rows:
+        cells = [f"{100 * r['map'][v]:.1f}" if v in r["map"] else "-" for v in VARIANTS]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    rows = [row(*spec.split("=", 1)) for spec in args.row]
+    out = {
+        "protocol": "VOC2007 first 300 train -> first 300 val, 1 scale (688)",
+        "command": shlex.join(["python", "-m", "experiments.tap_study", *sys.argv[1:]]),
+        "rows": rows,
+        "machine": machine(),
+    }
+    atomic_write_json(args.out, out)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
