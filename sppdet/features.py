@@ -126,6 +126,7 @@ class FeatureExtractor:
         if check_conv_dtype(config.conv_dtype, self.device) != "float32":
             self.net = AutocastTrunk(self.net, self.device.type, config.conv_dtype)
         self.trunk_id = "frozen"
+        self._store_dtype = getattr(torch, config.dtype)
         self._top = self._inference_top(self.top_module)
 
     def _optimized(self, module: nn.Module) -> nn.Module:
@@ -180,7 +181,9 @@ class FeatureExtractor:
     def compute_lower(
         self, image: np.ndarray, *, flip: bool = False, scales: Sequence[int] | None = None
     ) -> list[ScaleMap]:
-        """What the cache holds: :meth:`compute` without the top blocks."""
+        """What the cache holds: :meth:`compute` without the top blocks, rounded to the cache's
+        dtype (``features.dtype``) whether or not a cache is used, so a run's first pass over
+        a split, later cached passes and a model file's detections see the same maps."""
         if flip:
             image = image[:, ::-1]
         h, w = image.shape[:2]
@@ -196,7 +199,7 @@ class FeatureExtractor:
             x = normalize(x, self.spec)
             if self.config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            fmap = self.net(x)[0].float().contiguous()
+            fmap = self.net(x)[0].to(self._store_dtype).float().contiguous()
             out.append(ScaleMap(fmap, f))
         return out
 

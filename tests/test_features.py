@@ -227,8 +227,9 @@ def test_map_provider_computes_once_then_loads(extractor, image, tmp_path):
     for a, b in zip(first, second, strict=True):
         assert a.factor == b.factor
         assert b.fmap.dtype == torch.float32
-        scale = float(a.fmap.abs().max())
-        torch.testing.assert_close(b.fmap, a.fmap, rtol=1e-3, atol=1e-3 * scale)
+        # computed maps are rounded as the cache stores them: a first pass and a cached one
+        # see the same floats
+        torch.testing.assert_close(b.fmap, a.fmap, rtol=0, atol=0)
     # A new provider over the same directory (a resumed job) also reads the cache.
     again = MapProvider(extractor, FeatureCache(tmp_path, extractor.manifest()))
     again.maps("img", (48, 80), load)
@@ -290,13 +291,15 @@ def test_top_blocks_split_the_trunk_after_the_cache(image, tmp_path):
     (a,) = whole.compute(image)
     (b,) = split.compute(image)
     (low,) = split.compute_lower(image)
-    torch.testing.assert_close(b.fmap, a.fmap, rtol=1e-5, atol=1e-6)
+    scale = float(a.fmap.abs().max())
+    # equal up to the fp16 rounding of the stored map (the lower map here, the tapped one there)
+    torch.testing.assert_close(b.fmap, a.fmap, rtol=1e-2, atol=1e-2 * scale)
+    assert torch.equal(low.fmap, low.fmap.half().float())  # rounded as the cache stores it
     assert low.fmap.shape[0] == 384 and b.fmap.shape[0] == 256
     assert split.manifest()["top_blocks"] == 3 and "top_blocks" not in whole.manifest()
     provider = MapProvider(split, FeatureCache(tmp_path, split.manifest()))
     (c,) = provider.maps("img", image.shape[:2], Loader(image))
     assert np.load(tmp_path / "s64" / "img.npy").shape[0] == 384  # the lower map is cached
-    scale = float(a.fmap.abs().max())
     torch.testing.assert_close(c.fmap, a.fmap, rtol=1e-2, atol=1e-2 * scale)
     # fine-tuned top weights: another trunk id and other maps from the same cached map
     state = {k: v + 0.01 for k, v in split.top_module.state_dict().items()}
