@@ -334,11 +334,24 @@ def finetune(
         with torch.no_grad():
             sample = [batcher.batch(rng, train)[0] for _ in range(cfg.standardize_batches)]
         model.fit_standardization(torch.cat(sample))
+    heldout = _heldout_source(batcher, held, cfg)
+    return _train_loop(model, opt, batcher, train, heldout, cfg, out, (start, resumed), progress)
+
+
+def _heldout_source(batcher: _Batcher, held: list[int], cfg):
+    """``() -> (X, y)`` of the held-out windows: pooled once with a frozen trunk, but pooled
+    again at every measurement when conv blocks train (features made by the initial blocks
+    would no longer be what the head sees: the log showed all-background accuracy)."""
     with torch.no_grad():
-        held_x, held_y = _heldout(batcher, held, cfg)
-    return _train_loop(
-        model, opt, batcher, train, held_x, held_y, cfg, out, (start, resumed), progress
-    )
+        fixed = _heldout(batcher, held, cfg)
+    if batcher.top is None:
+        return lambda: fixed
+
+    def again():
+        with torch.no_grad():
+            return _heldout(batcher, held, cfg)
+
+    return again
 
 
 def _heldout(batcher: _Batcher, held: list[int], cfg) -> tuple[Tensor | None, Tensor | None]:
@@ -376,7 +389,7 @@ def _accuracy(model: FCHead, x: Tensor | None, y: Tensor | None) -> float | None
     return acc
 
 
-def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, start, progress):
+def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, progress):
     log_path = out / "log.jsonl"
     start, resumed = start
     # The running loss, last accuracy and elapsed time continue across a resume, so the log
@@ -402,7 +415,7 @@ def _train_loop(model, opt, batcher, train, held_x, held_y, cfg, out: Path, star
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.iterations:
-            acc = _accuracy(model, held_x, held_y)
+            acc = _accuracy(model, *heldout())
             _append_log(log_path, {"step": done, "loss": loss_avg, "heldout_acc": acc})
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=acc if acc is None else f"{acc:.3f}")
         if done % cfg.checkpoint_every == 0 and done < cfg.iterations:

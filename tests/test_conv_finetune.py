@@ -148,3 +148,16 @@ def test_conv_blocks_must_fit_the_cache_split(tmp_path):
     records, props = dataset()
     with pytest.raises(ConfigError, match="top_blocks"):
         finetune(records, props, LowerProvider(None), SPP, K, CFG, tmp_path / "b", progress=False)
+
+
+def test_heldout_windows_are_pooled_again_when_conv_blocks_train(tmp_path, monkeypatch):
+    # With a frozen trunk the held-out vectors are pooled once; with trained conv blocks they
+    # are pooled with the current blocks at every measurement (eval_every=4 -> steps 4 and 8).
+    calls = []
+    real = ft._heldout
+    monkeypatch.setattr(ft, "_heldout", lambda *a: calls.append(1) or real(*a))
+    run(tmp_path / "conv")
+    assert len(calls) == 1 + 2
+    calls.clear()
+    run(tmp_path / "frozen", FinetuneConfig(**{**CFG.__dict__, "conv_blocks": 0}))
+    assert len(calls) == 1

@@ -204,7 +204,7 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, monk
     real_loop = ft._train_loop
 
     def spy_loop(*args):
-        resumed_steps.append(args[8][0])  # (start step, running values)
+        resumed_steps.append(args[7][0])  # (start step, running values)
         return real_loop(*args)
 
     monkeypatch.setattr(ft, "_train_loop", spy_loop)
