@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale repro-1scale repro-5scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale tap-study repro-1scale repro-5scale clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,14 @@ voc07-1scale: $(STAMP)
 
 voc07-5scale: $(STAMP)
 	$(BIN)/python -m experiments.voc07 --config configs/voc07_mnv2_5scale.yaml --run runs/voc07_5s --name voc07_mnv2_5scale
+
+# The recipe chosen by the tap study (issue 17): MobileNetV2 up to features[17], dilated to stride 16.
+voc07-d17-1scale: $(STAMP)
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_1scale.yaml --run runs/voc07_d17_1s --name voc07_d17_1scale --recipe mnv2_d17_frozen
+
+# 300 -> 300 comparison of SPP taps with and without conv fine-tuning: results/tap_study_voc300.json.
+tap-study: $(STAMP)
+	bash experiments/tap_study.sh runs/tap
 
 # Rerun the committed experiment on a clean clone of HEAD (beside this checkout, see
 # experiments/repro.sh) and compare its mAP with results/*.json: results/reproductions/<name>.json.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The 300 -> 300 tap study of issue 17 (results/tap_study_voc300.json; about 2.5 h on 2 cores):
+# each row extracts the first 300 train / 300 val images, trains (fine-tuning, fc7 SVMs, box
+# regressors) and evaluates every ablation row. Rows without conv fine-tuning also train pool5
+# SVMs; the conv-fine-tuned row takes its pool5 row from the frozen run of the same tap (pool5
+# SVMs never see the fine-tuned trunk). Resumable: rerun to finish. Usage (from the repo root):
+#   bash experiments/tap_study.sh [RUNS_DIR]
+set -euo pipefail
+RUNS=${1:-runs/tap}
+BIN=${BIN:-.venv/bin}
+DEVKIT=${DEVKIT:-../shared/data/VOCdevkit}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+row() {  # row NAME CONFIG [pool5]
+    local run=$RUNS/$1 ext="--devkit $DEVKIT --out $RUNS/$1 --config $2 --limit 300"
+    "$BIN/sppdet" extract --split train $ext
+    "$BIN/sppdet" train "$run" --quiet
+    "$BIN/sppdet" extract --split val $ext
+    if [ "${3:-}" = pool5 ]; then "$BIN/sppdet" train-svm "$run" --layer pool5 --quiet; fi
+    "$BIN/sppdet" eval --voc2007 --run "$run" --devkit "$DEVKIT" --split val --limit 300 \
+        --ablations --json "$run/ablations.json"
+}
+
+# two lanes of one thread each (the rows are independent)
+(row mnv2 configs/tap_mnv2_300.yaml pool5; row d17_conv4 configs/tap_d17_conv4_300.yaml) &
+row d17 configs/tap_d17_300.yaml pool5
+wait
+"$BIN/python" -m experiments.tap_study --out results/tap_study_voc300.json \
+    --row "features[13] (96 ch), conv frozen=$RUNS/mnv2" \
+    --row "features[17] dilated (320 ch), conv frozen=$RUNS/d17" \
+    --row "features[17] dilated, features[14..17] fine-tuned=$RUNS/d17_conv4,$RUNS/d17"
