@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,15 +278,24 @@ class MapProvider:
         *,
         flip: bool = False,
         scales: Sequence[int] | None = None,
+        top: Callable[[Tensor], Tensor] | None = None,
     ) -> list[ScaleMap]:
         """Maps of one image. ``size`` is ``(height, width)``; ``load_image()`` reads the pixels.
 
         ``scales`` picks a subset of the configured scales (fine-tuning uses one random scale).
         The resize factors are recomputed from ``size``, so cached maps need no side files.
-        The extractor's top blocks run on the cached maps (:meth:`FeatureExtractor.apply_top`).
+        The extractor's top blocks run on the cached maps (:meth:`FeatureExtractor.apply_top`),
+        or ``top`` (``Tensor[1, C, h, w] -> Tensor[1, C', h, w]``) does, with autograd on:
+        fine-tuning passes the blocks it trains.
         """
         lower = self.lower_maps(image_id, size, load_image, flip=flip, scales=scales)
-        return [self.extractor.apply_top(m) for m in lower]
+        if top is None:
+            return [self.extractor.apply_top(m) for m in lower]
+        # a freshly computed (not cached) map is an inference tensor: autograd needs a copy
+        plain = [m.fmap.clone() if m.fmap.is_inference() else m.fmap for m in lower]
+        return [
+            ScaleMap(top(f.unsqueeze(0))[0], m.factor) for f, m in zip(plain, lower, strict=True)
+        ]
 
     def lower_maps(
         self,
@@ -328,13 +337,15 @@ class MapProvider:
         *,
         flip: bool = False,
         scales: Sequence[int] | None = None,
+        top: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """``Tensor[N, D]`` SPP vectors of ``boxes`` (``Array[N, 4]``, unflipped image pixels).
 
         The window features every training stage uses; :class:`sppdet.rcnn.RCNNProvider` has
-        the same method for R-CNN mode. With ``flip`` the boxes are mirrored to the flipped map.
+        the same method for R-CNN mode. With ``flip`` the boxes are mirrored to the flipped map;
+        ``top`` as in :meth:`maps`.
         """
-        maps = self.maps(image_id, size, load_image, flip=flip, scales=scales)
+        maps = self.maps(image_id, size, load_image, flip=flip, scales=scales, top=top)
         b = flip_boxes(boxes, size[1]) if flip else boxes
         return pool_windows(maps, b, self.extractor.spec, self.spp)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sppdet.errors import ConfigError
-from sppdet.features import MapProvider, ScaleMap, SPPConfig, flip_boxes, pool_windows
+from sppdet.features import MapProvider, SPPConfig
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
 from sppdet.windows import label_windows
@@ -248,8 +248,6 @@ class _Batcher:
         rec = self.records[w.index]
         scales = self.provider.extractor.config.scales
         scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
-        if self.top is not None:
-            return self._pool_through_top(rec, w.boxes[idx], flip, scale)
         return self.provider.pool5(
             rec.image_id,
             (rec.height, rec.width),
@@ -257,18 +255,8 @@ class _Batcher:
             w.boxes[idx],
             flip=flip,
             scales=(scale,),
+            top=self.top,  # trained blocks (with gradients) instead of the extractor's
         )
-
-    def _pool_through_top(self, rec, boxes: np.ndarray, flip: bool, scale: int) -> Tensor:
-        size = (rec.height, rec.width)
-        (low,) = self.provider.lower_maps(
-            rec.image_id, size, lambda: load_image(rec.path), flip=flip, scales=(scale,)
-        )
-        # a freshly computed (not cached) map is an inference tensor: autograd needs a copy
-        x = low.fmap.clone() if low.fmap.is_inference() else low.fmap
-        fmap = self.top(x.unsqueeze(0))[0]
-        b = flip_boxes(boxes, size[1]) if flip else boxes
-        return pool_windows([ScaleMap(fmap, low.factor)], b, self.provider.extractor.spec, self.spp)
 
 
 def _lr_factor(cfg: FinetuneConfig, step: int) -> float:

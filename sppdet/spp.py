@@ -207,8 +207,8 @@ def spp_pool(
     span = (windows[:, 2:] - windows[:, :2] + 1).max(dim=0).values  # largest bins: level 1
     kx_n, ky_n = int(span[0]).bit_length(), int(span[1]).bit_length()
     if fmap.requires_grad:
-        # The in-place table build is not differentiable; the loop path is.
-        return _pool_loop(fmap, windows, levels)
+        # The in-place table build is not differentiable: the arg-max path (as "loop") is.
+        return _SPPArgmax.apply(fmap, windows, tuple(levels))
     table = _sparse_table(fmap, ky_n, kx_n)
     outs = [
         _pool_chunk(table, windows[i : i + chunk], levels, h, w, kx_n)

@@ -75,11 +75,13 @@ class LowerProvider:
             out.append(ScaleMap(torch.rand(4, h, w, generator=g), factor))
         return out
 
-    def maps(self, image_id, size, load_image, *, flip=False, scales=None):
-        top = self.extractor.top_module
+    def maps(self, image_id, size, load_image, *, flip=False, scales=None, top=None):
         lower = self.lower_maps(image_id, size, load_image, flip=flip, scales=scales)
-        with torch.no_grad():
+        if top is not None:  # the blocks being trained, with gradients
             return [ScaleMap(top(m.fmap[None])[0], m.factor) for m in lower]
+        with torch.no_grad():
+            frozen = self.extractor.top_module
+            return [ScaleMap(frozen(m.fmap[None])[0], m.factor) for m in lower]
 
     pool5 = MapProvider.pool5
 

@@ -94,7 +94,8 @@ class FakeProvider:
 
     pool5 = MapProvider.pool5  # the real window pooling over these maps
 
-    def maps(self, image_id, size, load_image, *, flip=False, scales=None):
+    def maps(self, image_id, size, load_image, *, flip=False, scales=None, top=None):
+        assert top is None  # no conv blocks are trained here (tests/test_conv_finetune.py)
         self.calls += 1
         out = []
         for s in scales if scales is not None else self.extractor.config.scales:
