@@ -255,7 +255,9 @@ class _Batcher:
             w.boxes[idx],
             flip=flip,
             scales=(scale,),
-            top=self.top,  # trained blocks (with gradients) instead of the extractor's
+            # the trained blocks (with gradients) instead of the extractor's; R-CNN mode's
+            # provider has none (conv fine-tuning needs SPP mode)
+            **({"top": self.top} if self.top is not None else {}),
         )
 
 
