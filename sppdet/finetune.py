@@ -255,9 +255,7 @@ class _Batcher:
             w.boxes[idx],
             flip=flip,
             scales=(scale,),
-            # the trained blocks (with gradients) instead of the extractor's; R-CNN mode's
-            # provider has none (conv fine-tuning needs SPP mode)
-            **({"top": self.top} if self.top is not None else {}),
+            top=self.top,  # the trained blocks (with gradients) instead of the extractor's
         )
 
 

@@ -21,7 +21,7 @@ Shape shorthand: ``N`` windows, ``S`` warped size, ``C`` channels, ``D = C * B``
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,9 +303,14 @@ class RCNNProvider:
         *,
         flip: bool = False,
         scales: Sequence[int] | None = None,
+        top: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """``Tensor[N, D]`` vectors of ``boxes`` of one image; ``scales`` is ignored (R-CNN
-        warps every window to one size)."""
+        warps every window to one size). ``top`` (trained conv blocks, as in
+        :meth:`sppdet.features.MapProvider.pool5`) must be None: R-CNN mode has no cached map
+        below them."""
+        if top is not None:
+            raise SppdetError("conv fine-tuning through top blocks needs SPP mode")
         boxes = _as_boxes(boxes)
         if self.cache is None or flip or not self.cache.has(image_id):
             return self._compute(load_image, boxes, flip)

@@ -92,11 +92,15 @@ def _image_features(run: Run, provider, rec, boxes, head, layer, flip=False) -> 
         return torch.cat([head.embed(c, layer) for c in x.split(run.config.test.fc_batch)])
 
 
+def _kept(rec, use_difficult: bool) -> np.ndarray:
+    """``Array[G]`` bool: the objects used for training. py-faster-rcnn drops difficult
+    objects; R-CNN's SVMs keep them (see SVMConfig.use_difficult)."""
+    return np.ones(len(rec.difficult), bool) if use_difficult else ~rec.difficult
+
+
 def _labelled(ds, props, use_difficult: bool = False) -> Iterator:
     for rec in ds:
-        # py-faster-rcnn drops difficult objects from training; R-CNN's SVMs keep them
-        # (see SVMConfig.use_difficult)
-        keep = np.ones(len(rec.difficult), bool) if use_difficult else ~rec.difficult
+        keep = _kept(rec, use_difficult)
         lw = label_windows(
             props.boxes_for(rec.image_id), rec.boxes[keep], rec.labels[keep], len(ds.classes)
         )
@@ -171,7 +175,7 @@ def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) ->
     """
     xs, ys = [], []
     for rec in tqdm(ds, desc=f"svm {layer} positives", disable=not progress):
-        keep = np.ones(len(rec.difficult), bool) if run.config.svm.use_difficult else ~rec.difficult
+        keep = _kept(rec, run.config.svm.use_difficult)
         if keep.any():
             x = _image_features(run, provider, rec, rec.boxes[keep], head, layer)
             xs.append(x.cpu().numpy() * scale)
