@@ -53,6 +53,13 @@ def truncated_linear(fc: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``Tensor[O, I]`` float -> int8 ``Tensor[O, I]`` and float32 ``Tensor[O]`` scales, one
+    per row: symmetric, ``w ~= q * scale[:, None]`` with ``|q| <= INT8_MAX``."""
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` as an int8 x int8 -> int32 matmul, rescaled to float32.
 
@@ -69,9 +76,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, fc: nn.Linear) -> None:
         super().__init__()
-        w = fc.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-        q = torch.round(w / scale[:, None]).to(torch.int8)
+        q, scale = quantize_rows(fc.weight.detach().float())
         self.register_buffer("qweight_t", q.t().contiguous())  # Tensor[in, out] int8
         self.register_buffer("w_scale", scale)  # Tensor[out]
         bias = fc.bias.detach().float().clone() if fc.bias is not None else None

@@ -16,8 +16,11 @@
   ``RUN/eval/*/eval.json`` when there is one (else null).
 
 Weight matrices (floating tensors of at least :data:`HALF_MIN_NUMEL` elements) are stored in
-float16 by default; biases, batch-norm statistics and standardisation vectors stay float32. On
-load everything is float32 again. tests/test_model_file.py measures what float16 changes.
+float16 by default; biases, batch-norm statistics and standardisation vectors stay float32.
+``dtype="int8"`` also stores the head's fc6 / fc7 weights (about 90 % of a VOC model) as int8
+with one float32 scale per output row (``head.scales``): the symmetric per-channel rounding of
+:class:`sppdet.fastpath.Int8Linear`, which a CPU detector applies at test time anyway. On load
+everything is float32 again. tests/test_model_file.py measures what float16 and int8 change.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from sppdet.configutil import merge, to_dict
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import SppdetError
+from sppdet.fastpath import quantize_rows
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.finetune import FCHead
 from sppdet.model import head_path, load_bbox, load_svms, run_classes, trained_parts
@@ -48,8 +52,15 @@ from sppdet.svm import LinearSVMs
 log = logging.getLogger(__name__)
 
 FORMAT = "sppdet-model"
-#: Bumped whenever a reader of the previous version would misread a file.
-VERSION = 1
+#: Bumped whenever a reader of the previous version would misread a file (version 2: int8
+#: head weights, which a version-1 reader would take for float values).
+VERSION = 2
+#: Versions this reader reads.
+READABLE_VERSIONS = (1, 2)
+#: Export dtypes: how the weight matrices are stored.
+EXPORT_DTYPES = ("float16", "float32", "int8")
+#: Head weights stored as int8 with ``dtype="int8"``.
+INT8_KEYS = ("fc6.weight", "fc7.weight")
 #: Floating tensors with at least this many elements are stored in float16 (``dtype`` float16).
 HALF_MIN_NUMEL = 4096
 #: Where the default model ships (``sppdet detect`` without ``--run`` / ``--model``).
@@ -65,21 +76,22 @@ def export_model(
     """Write ``run``'s trained parts and settings to the model file ``out``.
 
     Args:
-        dtype: ``float16`` (weight matrices halved) or ``float32`` (bit-exact copy).
+        dtype: ``float16`` (weight matrices halved), ``int8`` (float16, and fc6 / fc7 in int8:
+            a quarter) or ``float32`` (bit-exact copy).
         eval_name: the ``RUN/eval/<name>/eval.json`` whose mAP goes into the provenance
             (default: the VOC07 val evaluation of the run's test settings, if any).
 
     Returns:
         The provenance written.
     """
-    if dtype not in ("float16", "float32"):
-        raise SppdetError(f"unknown export dtype {dtype!r}; expected float16 or float32")
+    if dtype not in EXPORT_DTYPES:
+        raise SppdetError(f"unknown export dtype {dtype!r}; expected one of {EXPORT_DTYPES}")
     have = trained_parts(run)
     if not have:
         raise SppdetError(f"nothing trained in {run.root}; run `sppdet train {run.root}`")
     if run.config.features.mode != "spp":
         raise SppdetError("only SPP-mode runs can be exported (R-CNN mode is the baseline)")
-    half = dtype == "float16"
+    half = dtype != "float32"
     c = run.config
     spec = backbone_spec(c.features.backbone)
     trunk = build_backbone(c.features.backbone, c.features.weights, seed=c.features.seed)
@@ -111,9 +123,7 @@ def export_model(
         },
         "trunk": _pack(trunk.state_dict(), half),
         "trunk_top": _pack(top, half) if top is not None else None,
-        "head": None
-        if head is None
-        else {"config": head["config"], "state": _pack(head["model"], half)},
+        "head": None if head is None else _pack_head(head, half, int8=dtype == "int8"),
         "svms": {
             la: {
                 "W": _half(torch.from_numpy(s.W), half),
@@ -136,6 +146,21 @@ def _half(t: torch.Tensor, half: bool) -> torch.Tensor:
 
 def _pack(state: dict, half: bool) -> dict:
     return {k: _half(v.detach().cpu(), half) for k, v in state.items()}
+
+
+def _pack_head(head: dict, half: bool, int8: bool) -> dict:
+    state, scales = _pack(head["model"], half), {}
+    for k in INT8_KEYS if int8 else ():
+        state[k], scales[k] = quantize_rows(head["model"][k].detach().cpu().float())
+    return {"config": head["config"], "state": state, "scales": scales}
+
+
+def _unpack_head(h: dict) -> dict:
+    scales = h.get("scales", {})
+    return {
+        k: v.float() * scales[k][:, None] if k in scales else v.float()
+        for k, v in h["state"].items()
+    }
 
 
 def _pack_bbox(bbox: BBoxRegressor, half: bool) -> dict:
@@ -247,7 +272,7 @@ class ModelFile:
             return None
         cfg = h["config"]
         head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
-        head.load_state_dict({k: v.float() for k, v in h["state"].items()})
+        head.load_state_dict(_unpack_head(h))
         return head.to(self.device).eval()
 
     def require_head(self) -> FCHead:
@@ -299,7 +324,7 @@ def read_model(path: str | Path, device: str = "auto") -> ModelFile:
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise SppdetError(f"{path} is not an sppdet model file (no {FORMAT!r} format tag)")
-    if blob.get("version") != VERSION:
+    if blob.get("version") not in READABLE_VERSIONS:
         raise SppdetError(
             f"{path} is an sppdet model file of format version {blob.get('version')}; this "
             f"sppdet reads version {VERSION}: re-export it from its run with `sppdet export`"

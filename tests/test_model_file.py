@@ -36,7 +36,7 @@ trained = test_cli_e2e.trained  # the same module-scoped fixture: one tiny train
 @pytest.fixture(scope="module")
 def exported(trained) -> dict[str, Path]:
     root = trained["root"]
-    out = {"float32": root / "m32.pt", "float16": root / "m16.pt"}
+    out = {"float32": root / "m32.pt", "float16": root / "m16.pt", "int8": root / "m8.pt"}
     for dtype, path in out.items():
         res = invoke("export", trained["run"], "--out", path, "--dtype", dtype)
         assert f"export: {path}" in res.output
@@ -87,6 +87,47 @@ def test_float16_model_is_close_to_the_run(trained, exported, tmp_path):
         np.testing.assert_allclose(da.scores[order_a], db.scores[order_b], atol=1e-2)
         np.testing.assert_allclose(da.boxes[order_a], db.boxes[order_b], atol=0.5)
     assert exported["float16"].stat().st_size < 0.6 * exported["float32"].stat().st_size
+
+
+def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported, tmp_path):
+    run_head = torch.load(Run.open(trained["run"]).path("finetune", "model.pt"), weights_only=True)
+    blob = torch.load(exported["int8"], map_location="cpu", weights_only=True)
+    head = read_model(exported["int8"], "cpu").head()
+    for name in ("fc6", "fc7"):
+        q, scale = blob["head"]["state"][f"{name}.weight"], blob["head"]["scales"][f"{name}.weight"]
+        assert q.dtype == torch.int8 and q.abs().max() == 127 and scale.shape == (q.shape[0],)
+        w = run_head["model"][f"{name}.weight"].float()
+        err = (getattr(head, name).weight.detach() - w).abs()
+        assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()  # round to nearest of each row
+        assert err.max() > 0  # it is a rounding: not the float32 weights
+    assert blob["version"] == VERSION
+    # detections: the same windows pass NMS, scores within a few 1e-2 of the float32 run
+    run = Run.open(trained["run"])
+    a = load_detector(run.with_test(score_threshold=-1e9, fc_dtype="float32"))
+    m = read_model(exported["int8"], "cpu")
+    b = load_detector(m, dataclasses.replace(m.test, score_threshold=-1e9, fc_dtype="float32"))
+    from sppdet.imageio import load_image
+
+    props = np.array([[2, 2, 40, 40], [30, 20, 90, 80], [10, 50, 60, 95]], np.float32)
+    for path in val_images(trained, 8):
+        da, db = a.detect(load_image(path), props), b.detect(load_image(path), props)
+        assert len(da.scores) == len(db.scores) > 0
+        order_a, order_b = np.lexsort((da.scores, da.labels)), np.lexsort((db.scores, db.labels))
+        np.testing.assert_allclose(da.scores[order_a], db.scores[order_b], atol=5e-2)
+    # int8 saves a byte per fc6 / fc7 weight against float16 (less the row scales)
+    fc_numel = sum(blob["head"]["state"][f"{n}.weight"].numel() for n in ("fc6", "fc7"))
+    saved = exported["float16"].stat().st_size - exported["int8"].stat().st_size
+    assert saved > 0.95 * fc_numel
+
+
+def test_version_1_files_are_still_read(exported, tmp_path):
+    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    blob["version"] = 1
+    del blob["head"]["scales"]  # version 1 had no int8 weights
+    torch.save(blob, tmp_path / "v1.pt")
+    a, b = read_model(tmp_path / "v1.pt", "cpu").head(), read_model(exported["float16"]).head()
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb.to(va.device)), k
 
 
 def test_the_file_holds_what_the_test_path_needs(trained, exported):
