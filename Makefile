@@ -53,7 +53,7 @@ voc07-5scale: $(STAMP)
 
 # The recipe chosen by the tap study (issue 17): MobileNetV2 up to features[17], dilated to stride 16.
 voc07-d17-1scale: $(STAMP)
-	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_1scale.yaml --run runs/voc07_d17_1s --name voc07_d17_1scale --recipe mnv2_d17_frozen
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_1scale.yaml --run runs/voc07_d17_1s --name voc07_d17_1scale --recipe mnv2_d17_frozen --pool5-retrain-growth 0.5
 
 # 300 -> 300 comparison of SPP taps with and without conv fine-tuning: results/tap_study_voc300.json.
 tap-study: $(STAMP)

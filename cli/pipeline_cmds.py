@@ -170,13 +170,24 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
     show_default=True,
     help="Features the SVMs are trained on.",
 )
+@click.option(
+    "--retrain-growth",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Retrain a class only once the images mined have grown by this fraction since its "
+    "last training (default: the run's svm.retrain_growth; 0: R-CNN's rule, every 2,000 new "
+    "hard negatives). For wide capped caches, e.g. 0.5 for a 16,000-d pool5.",
+)
 @_QUIET
 @MODE
-def train_svm_command(run_dir, layer, quiet, mode):
+def train_svm_command(run_dir, layer, retrain_growth, quiet, mode):
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
     from sppdet.train import run_train_svm
 
-    s = run_train_svm(open_run(run_dir, mode), layer, progress=not quiet)
+    run = open_run(run_dir, mode)
+    if retrain_growth is not None:
+        run = run.with_svm(retrain_growth=retrain_growth)
+    s = run_train_svm(run, layer, progress=not quiet)
     click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
 
 

@@ -62,6 +62,12 @@ def parse_args() -> argparse.Namespace:
         default=2,
         help="2: train beside (extract val -> pool5 SVMs), one thread each; 1: all in sequence.",
     )
+    p.add_argument(
+        "--pool5-retrain-growth",
+        type=float,
+        default=None,
+        help="train-svm --retrain-growth for the pool5 SVMs (default: the config's).",
+    )
     return p.parse_args()
 
 
@@ -72,6 +78,9 @@ def main() -> int:
     lim_t = ["--limit", str(args.limit_train)] if args.limit_train else []
     lim_v = ["--limit", str(args.limit_val)] if args.limit_val else []
     rec = args.run / "stages.json"
+    growth = (
+        ["--retrain-growth", str(args.pool5_retrain_growth)] if args.pool5_retrain_growth else []
+    )
     ext = ["--devkit", devkit, "--out", run, "--config", str(args.config)]
     extract_train = Stage(
         "extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t], rec
@@ -79,7 +88,11 @@ def main() -> int:
     train = [Stage("train", [sppdet, "train", run, "--quiet"], rec)]
     beside = [
         Stage("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v], rec),
-        Stage("train_svm_pool5", [sppdet, "train-svm", run, "--layer", "pool5", "--quiet"], rec),
+        Stage(
+            "train_svm_pool5",
+            [sppdet, "train-svm", run, "--layer", "pool5", "--quiet", *growth],
+            rec,
+        ),
     ]
     evaluate = Stage(
         "eval",

@@ -248,6 +248,12 @@ class Run:
                     out.__dict__[key] = self.__dict__[key]
         return out
 
+    def with_svm(self, **changes: Any) -> Run:
+        """The same run with SVM training settings changed for one ``train-svm`` call (not
+        written to config.yaml: the SVM stage's manifest records what it was trained with)."""
+        svm = dataclasses.replace(self.config.svm, **changes)
+        return Run(self.root, dataclasses.replace(self.config, svm=svm))
+
     def with_extractors(self, frozen: FeatureExtractor, tuned: FeatureExtractor) -> Run:
         """The same run with these extractors (e.g. a model file's trunk, see
         :func:`sppdet.model_file.model_run`) instead of ones built from ``features.weights``."""

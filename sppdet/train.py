@@ -32,10 +32,17 @@ log = logging.getLogger(__name__)
 NORM_SAMPLE_IMAGES = 50
 
 
+#: Settings left out of stage manifests at these values: added after stages were trained
+#: with them, so those stages' manifests stay valid.
+_OMIT_AT = {"svm": {"retrain_growth": 0.0}}
+
+
 def _stage_manifest(run: Run, *sections: str) -> dict:
     c = run.config
     out = {"features": run.extractor.manifest(), "spp": to_dict(c.spp), "data": to_dict(c.data)}
-    out.update({s: to_dict(getattr(c, s)) for s in sections})
+    for s in sections:
+        omit = _OMIT_AT.get(s, {})
+        out[s] = {k: v for k, v in to_dict(getattr(c, s)).items() if omit.get(k, object()) != v}
     return out
 
 

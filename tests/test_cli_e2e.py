@@ -197,6 +197,20 @@ def test_second_train_is_a_no_op(trained, caplog):
     assert "box regressors already trained" in messages
 
 
+def test_train_svm_retrain_growth_is_recorded_in_its_stage_only(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    # at its default the setting is absent from manifests: stages trained before it stay valid
+    assert "retrain_growth" not in json.loads((run / "svm_fc7/manifest.json").read_text())["svm"]
+    out = invoke("train-svm", run, "--layer", "pool5", "--retrain-growth", "0.5", "--quiet")
+    assert "train-svm pool5" in out.output and (run / "svm_pool5/svm.npz").is_file()
+    assert json.loads((run / "svm_pool5/manifest.json").read_text())["svm"]["retrain_growth"] == 0.5
+    assert "retrain_growth: 0.0" in (run / "config.yaml").read_text()  # the run keeps its own
+    # the same stage with another growth is refused, naming the setting
+    res = CliRunner().invoke(cli, ["train-svm", str(run), "--layer", "pool5", "--quiet"])
+    assert res.exit_code != 0 and "retrain_growth" in res.output
+
+
 def test_eval_fast_path_variants_in_one_pass(trained):
     """Each speed setting is one change to the exact float32 row, evaluated in the same pass:
     dedup and a full-rank SVD give the exact detections up to rounding, int8 fc6/fc7 scores

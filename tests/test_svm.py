@@ -121,6 +121,23 @@ def test_retrain_count():
     assert trainer.stats()[0]["retrains"] == 3
 
 
+@pytest.mark.parametrize(
+    ("growth", "expected"), [(0.0, list(range(1, 21))), (0.5, [1, 2, 3, 5, 8, 12, 18])]
+)
+def test_retrain_growth_spaces_retrains_geometrically(growth, expected):
+    rng = np.random.default_rng(5)
+    cfg = dataclasses.replace(
+        CFG, retrain_every=1, hard_threshold=-3.0, evict_threshold=-5.0, retrain_growth=growth
+    )
+    trainer = SVMTrainer(1, D, cfg)
+    at = []
+    for i in range(1, 21):  # every image brings hard negatives: only retrain_growth holds back
+        before = trainer.stats()[0]["retrains"]
+        trainer.add_image(*image(rng, 10 if i == 1 else 0, close=4, far=20, k=1))
+        at += [i] if trainer.stats()[0]["retrains"] > before else []
+    assert at == expected
+
+
 def test_gt_rows_and_overlapping_rows_are_not_negatives():
     rng = np.random.default_rng(4)
     trainer = SVMTrainer(2, D, CFG)
