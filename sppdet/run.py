@@ -30,11 +30,10 @@ from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
-from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, MapProvider, SPPConfig
+from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.finetune import FinetuneConfig, load_trunk_top
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
-from sppdet.rcnn import RCNNCache, RCNNProvider, rcnn_cache_manifest
 from sppdet.storage import (
     atomic_create_text,
     atomic_write_text,
@@ -43,6 +42,7 @@ from sppdet.storage import (
     file_sha256,
 )
 from sppdet.svm import SVMConfig
+from sppdet.window_features import WindowFeatures, window_features
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 #: Settings removed because nothing used them (every committed config and results file has the
 #: value kept here): ``spp.rule`` "round" and ``spp.shrink`` (the released code's window
-#: mapping), ``finetune.init`` "torch" (PyTorch's fc init, measured worse than He's). Old
+#: mapping), ``finetune.init`` "torch" (PyTorch's fc init, measured worse than He's),
+#: ``svm.loss`` "squared_hinge" (liblinear -s 1; R-CNN and SPP-net use the L1 hinge) and
+#: ``svm.dedup_neg_iou`` (the paper's 0.7-IoU negative dedup, which the released code does not
+#: do; no run used it). Old
 #: ``config.yaml`` and ``results/*.json`` configs still carry them: the kept value is read with
 #: a warning, any other is an error (that run cannot be reproduced by this code).
 REMOVED_KEYS: dict[tuple[str, str], Any] = {
     ("spp", "rule"): "paper",
     ("spp", "shrink"): 0.0,
     ("finetune", "init"): "he",
+    ("svm", "loss"): "hinge",
+    ("svm", "dedup_neg_iou"): None,
 }
 
 
@@ -308,23 +313,16 @@ class Run:
             return self.extractor
         return self.extractor.with_top(state, "finetuned:sha256:" + file_sha256(path))
 
-    def provider(self, split: str, *, tuned: bool = False) -> MapProvider | RCNNProvider:
-        """Window features of ``split``: cached conv maps (SPP) or warped crops (R-CNN mode).
+    def provider(self, split: str, *, tuned: bool = False) -> WindowFeatures:
+        """Window features of ``split`` (:func:`~sppdet.window_features.window_features`:
+        cached conv maps in SPP mode, warped crops in R-CNN mode).
 
         ``tuned``: with the fine-tuned top conv blocks (:attr:`tuned_extractor`); the cache
         holds the frozen maps below them either way.
         """
-        root = self.root / "features" / split
-        if self.config.features.mode == "rcnn":
-            rcache = None
-            if self.config.features.cache:
-                rcache = RCNNCache(root, rcnn_cache_manifest(self.extractor, self.config.spp))
-            return RCNNProvider(self.extractor, self.config.spp, rcache)
-        cache = None
-        if self.config.features.cache:
-            cache = FeatureCache(root, self.extractor.manifest())
-        extractor = self.tuned_extractor if tuned else self.extractor
-        return MapProvider(extractor, cache, self.config.spp)
+        root = self.root / "features" / split if self.config.features.cache else None
+        tuned_ext = self.tuned_extractor if tuned else None
+        return window_features(self.extractor, self.config.spp, root, tuned=tuned_ext)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

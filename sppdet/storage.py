@@ -165,8 +165,17 @@ def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def check_manifest(directory: str | os.PathLike, content: Mapping[str, Any]) -> None:
+def check_manifest(
+    directory: str | os.PathLike,
+    content: Mapping[str, Any],
+    legacy: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """Create ``directory/manifest.json`` holding ``content``, or verify that it matches.
+
+    Args:
+        legacy: ``{section: {key: value}}`` settings that are left out on both sides when they
+            have this value: keys added since manifests were written (at their default) or
+            removed since (at the one value that remains), so those manifests stay valid.
 
     Raises:
         CacheMismatchError: the directory was made with other settings; the message lists each
@@ -174,9 +183,9 @@ def check_manifest(directory: str | os.PathLike, content: Mapping[str, Any]) -> 
     """
     directory = Path(directory)
     path = directory / MANIFEST
-    new = canonical(dict(content))
+    new = _drop_legacy(canonical(dict(content)), legacy or {})
     if path.exists():
-        old = read_json(path)
+        old = _drop_legacy(read_json(path), legacy or {})
         diffs = diff(old, new)
         if diffs:
             raise CacheMismatchError(
@@ -185,6 +194,14 @@ def check_manifest(directory: str | os.PathLike, content: Mapping[str, Any]) -> 
             )
         return
     atomic_write_json(path, new)
+
+
+def _drop_legacy(manifest: dict, legacy: Mapping[str, Mapping[str, Any]]) -> dict:
+    out = dict(manifest)
+    for section, keys in legacy.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys or keys[k] != v}
+    return out
 
 
 def versions() -> dict[str, str]:

@@ -26,13 +26,11 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
-from torchvision.ops import nms
 
 from sppdet.errors import DataError
 from sppdet.storage import atomic_save_npz
@@ -47,7 +45,6 @@ class SVMConfig:
     C: float = 0.001  # liblinear -c (spp_train.m svm_C; py-faster-rcnn train_svms.py)
     pos_weight: float = 2.0  # liblinear -w1, hinge-loss weight of positives (spp_train.m)
     intercept_scaling: float = 10.0  # liblinear -B, the bias feature's value (spp_train.m)
-    loss: Literal["hinge", "squared_hinge"] = "hinge"  # L1-loss, dual (liblinear -s 3, spp_train.m)
     tol: float = 0.1  # liblinear -e; 0.1 is liblinear's default for -s 3, which R-CNN/SPP-net
     # used. sklearn's default 1e-4 took 1.3x the time on a synthetic D=4096 stress test and
     # reached an up to 10 % lower objective (a looser SVM optimum, not a different protocol)
@@ -71,9 +68,6 @@ class SVMConfig:
     use_difficult: bool = False  # difficult objects as positives, and windows overlapping them
     # not negatives: R-CNN's roidb_from_voc.m keeps every object for SVM training (SPP-net
     # reuses it); py-faster-rcnn drops them. False: the earlier results' protocol
-    dedup_neg_iou: float | None = None  # paper: drop a negative overlapping another by > 0.7.
-    # Off by default: the released spp_train.m does not do it, and the 0.3-IoU rule plus
-    # eviction already keeps the cache small; set 0.7 to follow the paper.
 
 
 def feature_scale_from_samples(features: np.ndarray, target_norm: float = 20.0) -> float:
@@ -89,19 +83,6 @@ def feature_scale_from_samples(features: np.ndarray, target_norm: float = 20.0) 
     return target_norm / mean
 
 
-def dedup_negatives(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices (decreasing score) of the negatives kept so none overlaps a kept one by > ``iou``.
-
-    The paper's "remove a negative that overlaps another negative by more than 70 %", resolved
-    greedily in favour of the harder one (``torchvision.ops.nms``). Applying it to the hard
-    negatives only gives the same hard set as applying it to all negatives first: only a
-    higher-scoring (so also hard) box can suppress a hard one.
-    """
-    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
-    s = torch.as_tensor(np.asarray(scores, np.float32).reshape(-1))
-    return nms(b, s, iou).numpy().astype(np.int64)
-
-
 def train_linear_svm(
     pos: np.ndarray, neg: np.ndarray, config: SVMConfig, seed: int = 0
 ) -> tuple[np.ndarray, float, bool]:
@@ -115,7 +96,7 @@ def train_linear_svm(
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svm = LinearSVC(
         C=config.C,
-        loss=config.loss,
+        loss="hinge",  # L1-loss SVM, dual (liblinear -s 3, as spp_train.m / rcnn_train.m)
         dual=True,
         tol=config.tol,
         class_weight={1: config.pos_weight, -1: 1.0},
@@ -337,7 +318,6 @@ class SVMTrainer:
         is_gt: np.ndarray,
         gt_labels: np.ndarray,
         max_iou: np.ndarray,
-        boxes: np.ndarray | None = None,
     ) -> None:
         """Mine one image.
 
@@ -348,7 +328,6 @@ class SVMTrainer:
             gt_labels: ``Array[N]`` int64 class of each ground-truth row, -1 for proposals.
             max_iou: ``Array[N, K]`` IoU of each row with the ground truth of each class (0 where
                 the class is absent).
-            boxes: ``Array[N, 4]`` the rows' boxes, needed only with ``config.dedup_neg_iou``.
         """
         cfg = self.config
         x = np.asarray(features, np.float32).reshape(-1, self.dim)
@@ -360,12 +339,8 @@ class SVMTrainer:
             scores > cfg.hard_threshold
         )
         hard[np.flatnonzero(pos), gt_labels[pos]] = False  # a GT is never its own negative
-        if cfg.dedup_neg_iou is not None and boxes is None:
-            raise ValueError("add_image: dedup_neg_iou needs the rows' boxes")
         for c in range(self.num_classes):
             rows = np.flatnonzero(hard[:, c])
-            if cfg.dedup_neg_iou is not None and len(rows):
-                rows = rows[dedup_negatives(boxes[rows], scores[rows, c], cfg.dedup_neg_iou)]
             if len(rows):
                 self.caches[c].add_negatives(x[rows], scores[rows, c])
             if self.caches[c].needs_training(cfg.retrain_every) and self._due(c):

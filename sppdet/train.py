@@ -32,18 +32,21 @@ log = logging.getLogger(__name__)
 NORM_SAMPLE_IMAGES = 50
 
 
-#: Settings left out of stage manifests at these values: added after stages were trained
-#: with them, so those stages' manifests stay valid.
-_OMIT_AT = {"svm": {"retrain_growth": 0.0}}
+#: Settings left out of stage manifests at these values (``check_manifest``'s ``legacy``), so
+#: stages trained before they were added (at their default) or removed (at the value that
+#: remains, see ``sppdet.run.REMOVED_KEYS``) stay valid.
+LEGACY_SETTINGS = {"svm": {"retrain_growth": 0.0, "loss": "hinge", "dedup_neg_iou": None}}
 
 
 def _stage_manifest(run: Run, *sections: str) -> dict:
     c = run.config
     out = {"features": run.extractor.manifest(), "spp": to_dict(c.spp), "data": to_dict(c.data)}
-    for s in sections:
-        omit = _OMIT_AT.get(s, {})
-        out[s] = {k: v for k, v in to_dict(getattr(c, s)).items() if omit.get(k, object()) != v}
+    out.update({s: to_dict(getattr(c, s)) for s in sections})
     return out
+
+
+def _check(directory, manifest: dict) -> None:
+    check_manifest(directory, manifest, LEGACY_SETTINGS)
 
 
 def _tuned_trunk(run: Run) -> bool:
@@ -54,7 +57,7 @@ def _tuned_trunk(run: Run) -> bool:
 def run_finetune(run: Run, *, progress: bool = True) -> dict:
     """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
     out = run.path("finetune")
-    check_manifest(out, _stage_manifest(run, "finetune"))
+    _check(out, _stage_manifest(run, "finetune"))
     if (out / "model.pt").exists():
         log.info("fine-tuning already done: %s", out / "model.pt")
         return read_json(out / "metrics.json")
@@ -139,7 +142,7 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     if finetuned:
         # The SVMs are only valid for the exact fc weights they were trained on.
         manifest["finetune_model"] = _model_id(run)
-    check_manifest(out, manifest)
+    _check(out, manifest)
     if (out / "svm.npz").exists():
         log.info("SVMs already trained: %s", out / "svm.npz")
         return read_json(out / "stats.json")
@@ -159,7 +162,7 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
         x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
         # Positives are all in already; GT rows here only serve as other classes' negatives.
         no_gt = np.zeros(len(lw.boxes), dtype=bool)
-        trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou, boxes=lw.boxes)
+        trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou)
     svms = trainer.finish()
     stats = trainer.stats()
     svms.save(out / "svm.npz")
@@ -202,7 +205,7 @@ def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
     if tuned:
         # pool5 of the fine-tuned trunk: valid only for the conv weights it was trained on
         manifest["finetune_model"] = _model_id(run)
-    check_manifest(out, manifest)
+    _check(out, manifest)
     if (out / "bbox.npz").exists():
         log.info("box regressors already trained: %s", out / "bbox.npz")
         return read_json(out / "stats.json")

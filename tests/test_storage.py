@@ -232,3 +232,20 @@ def test_git_commit_is_dirty_for_code_not_for_outputs(tmp_path):
     assert git_commit(tmp_path / "pkg") == clean  # an output changed: still the same code
     (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path / "pkg") == clean + "-dirty"
+
+
+def test_check_manifest_legacy_settings_at_their_value_are_left_out(tmp_path):
+    legacy = {"svm": {"loss": "hinge", "growth": 0.0}}
+    # written before "growth" existed and while "loss" did: still valid at those values
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({"svm": {"C": 1, "loss": "hinge"}}))
+    check_manifest(tmp_path / "a", {"svm": {"C": 1, "growth": 0.0}}, legacy)
+    with pytest.raises(CacheMismatchError, match=r"svm.growth: \(absent\) -> 0.5"):
+        check_manifest(tmp_path / "a", {"svm": {"C": 1, "growth": 0.5}}, legacy)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({"svm": {"C": 1, "loss": "sq"}}))
+    with pytest.raises(CacheMismatchError, match=r"svm.loss: 'sq' -> \(absent\)"):
+        check_manifest(tmp_path / "b", {"svm": {"C": 1}}, legacy)
+    # new manifests are written without them
+    check_manifest(tmp_path / "c", {"svm": {"C": 1, "growth": 0.0}}, legacy)
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text()) == {"svm": {"C": 1}}

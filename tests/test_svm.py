@@ -14,7 +14,6 @@ from sppdet.svm import (
     LinearSVMs,
     SVMConfig,
     SVMTrainer,
-    dedup_negatives,
     feature_scale_from_samples,
     svm_objective,
     train_linear_svm,
@@ -166,20 +165,6 @@ def test_negative_cache_bound_keeps_hardest():
     np.testing.assert_array_equal(
         np.sort(cache.negatives()[1]), np.float32([0.3, 0.5, 0.7, 0.9, 2])
     )
-
-
-def test_dedup_negatives():
-    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 9], [0, 0, 10, 5], [50, 50, 60, 60]], np.float32)
-    keep = dedup_negatives(boxes, np.array([0.1, 0.5, 0.2, 0.0]), 0.7)
-    np.testing.assert_array_equal(keep, [1, 2, 3])  # box 0 overlaps harder box 1 by 0.9
-    rng = np.random.default_rng(5)
-    x, is_gt, labels, iou = image(rng, 2, close=0, far=4, k=1)
-    rows = np.concatenate([boxes[:2], boxes])
-    trainer = SVMTrainer(1, D, dataclasses.replace(CFG, dedup_neg_iou=0.7))
-    with pytest.raises(ValueError):
-        trainer.add_image(x, is_gt, labels, iou)
-    trainer.add_image(x, is_gt, labels, iou, boxes=rows)
-    assert trainer.stats()[0]["hard_added"] == 3  # the 4 negatives, less one duplicate pair
 
 
 def test_scores_apply_feature_scale_and_save_load(tmp_path):
