@@ -105,7 +105,7 @@ def extract_command(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
     run = Run.create(run_dir, cfg).settle_training_limit(split, cfg.data.limit)
     summary = extract(run, split, devkit=devkit, limit=limit)
-    what = "window sets" if cfg.features.mode == "rcnn" else "maps"
+    what = summary.get("stored", "images")
     click.echo(
         f"extract {split}: {summary['images']} images, "
         f"{summary['proposals_per_image']:.0f} proposals/image, "

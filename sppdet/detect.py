@@ -26,15 +26,9 @@ from torchvision.ops import batched_nms
 
 from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
 from sppdet.fastpath import CompressedHead, check_fc_dtype, fc_autocast
-from sppdet.features import (
-    FeatureExtractor,
-    ScaleMap,
-    SPPConfig,
-    pool_distinct_windows,
-    pool_windows,
-)
-from sppdet.rcnn import rcnn_featurizer
+from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.timing import PROFILER_LABELS, StageHook
+from sppdet.window_features import ImageWindows, SPPImage, window_features
 
 #: Timed stages; "warp" (cropping and warping windows) is R-CNN mode's only.
 STAGES = ("proposals", "warp", "conv", "spp", "fc", "svm", "bbox", "nms")
@@ -253,9 +247,7 @@ class Detector:
         int8 = config.fc_dtype == "int8"
         if head is not None and (config.svd_fc6 or config.svd_fc7 or int8):
             self.head = CompressedHead(head, config.svd_fc6, config.svd_fc7, int8=int8)
-        self.rcnn = None
-        if extractor.config.mode == "rcnn":
-            self.rcnn = rcnn_featurizer(extractor, spp)
+        self.windows = window_features(extractor, spp)  # SPP-net's, or R-CNN's per window
 
     @property
     def device(self) -> torch.device:
@@ -283,13 +275,6 @@ class Detector:
         return (scorer, self.score_layer, fc, id(self.svms) if scorer == "svm" else None)
 
     # -- steps
-
-    def window_features(self, maps: list[ScaleMap], boxes: np.ndarray):
-        """``(Tensor[U, D], inverse)`` pool5 vectors of ``boxes`` on an image's maps (one row
-        per distinct window with ``dedup``, else one per window and ``inverse = None``)."""
-        if not self.config.dedup:
-            return pool_windows(maps, boxes, self.extractor.spec, self.spp), None
-        return pool_distinct_windows(maps, boxes, self.extractor.spec, self.spp)
 
     def embed(self, pool5: Tensor, layer: str) -> Tensor:
         """``Tensor[U, H]`` fc features (``layer`` fc6 or fc7) of the pool5 rows."""
@@ -354,21 +339,23 @@ class Detector:
                 raise ValueError("no proposals given and no proposal function configured")
             with hook("proposals"):
                 proposals = self.propose(image)
-        size = image.shape[:2]
-        if self.rcnn is not None:  # R-CNN mode: every window warped and convolved on its own
-            prepared = self.rcnn.prepare(image, self.device)
-
-            def pool(b: np.ndarray):
-                sub: dict[str, float] = {}
-                x = self.rcnn.features(prepared, b, sub)
-                hook.record("warp", sub.get("warp", 0.0))
-                hook.record("conv", sub.get("conv", 0.0))
-                return x, None
-
-            return self.detect_with(pool, size, proposals, hook=hook)
         with hook("conv"):
-            maps = self.extractor.compute(image)
-        return self.detect_maps(maps, size, proposals, hook=hook)
+            windows = self.windows.from_image(image)
+            windows.prepare(self.extractor)
+        return self.detect_image(windows, image.shape[:2], proposals, hook=hook)
+
+    @torch.inference_mode()
+    def detect_image(
+        self,
+        windows: ImageWindows,
+        size: tuple[int, int],
+        proposals: np.ndarray,
+        *,
+        hook: StageHook = PROFILER_LABELS,
+    ) -> Detections:
+        """Detect from an image's window features (e.g. a dataset image read from a cache);
+        ``size`` is ``(H, W)``."""
+        return self.detect_with(self.pool_fn(windows, hook), size, proposals, hook=hook)
 
     @torch.inference_mode()
     def detect_maps(
@@ -379,8 +366,15 @@ class Detector:
         *,
         hook: StageHook = PROFILER_LABELS,
     ) -> Detections:
-        """Detect from an image's conv maps (e.g. from a cache); ``size`` is ``(H, W)``."""
-        return self.detect_with(lambda b: self.window_features(maps, b), size, proposals, hook=hook)
+        """Detect from an image's conv maps below the top blocks (what a cache holds; the
+        tapped maps when the trunk has none)."""
+        return self.detect_image(SPPImage(maps, self.spp), size, proposals, hook=hook)
+
+    def pool_fn(self, windows: ImageWindows, hook: StageHook = PROFILER_LABELS) -> PoolFn:
+        """This detector's :data:`PoolFn` over an image's window features: its trunk and its
+        ``dedup`` setting."""
+        ext, dedup = self.extractor, self.config.dedup
+        return lambda b: windows.pool(b, ext, dedup=dedup, hook=hook)
 
     @torch.inference_mode()
     def detect_with(
@@ -392,7 +386,7 @@ class Detector:
         hook: StageHook = PROFILER_LABELS,
     ) -> Detections:
         """Detect given a window featuriser ``pool`` (:data:`PoolFn`): the core of
-        :meth:`detect_maps` and of R-CNN mode."""
+        :meth:`detect` and :meth:`detect_image`."""
         with hook("proposals"):
             boxes = prepare_windows(proposals, size)
         if len(boxes) == 0:

@@ -31,7 +31,6 @@ from sppdet.detect import (
 from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
 from sppdet.model import RunParts, load_detector, load_detectors, needed_parts
-from sppdet.rcnn import RCNNProvider
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
 from sppdet.timing import PROFILER_LABELS, StageTimer, synchronize
@@ -251,26 +250,23 @@ def _detect_shared(det: Detector, shared: _Shared, size, proposals, pool_for, ti
 
 
 def _image_pools(provider, rec, size, detectors, timers) -> Callable[[Detector], PoolFn]:
-    """``pool_for(detector)`` for one dataset image. SPP mode: the (cached) maps below the top
-    blocks once, the top blocks once per trunk (their seconds charged as "conv" to the variants
-    of that trunk). R-CNN mode reads the window vectors from the cache or warps them from the
-    image (their conv time is counted under "spp")."""
-    loader = lambda: load_image(rec.path)  # noqa: E731
-    if isinstance(provider, RCNNProvider):
-        return lambda det: lambda b: (provider.pool5(rec.image_id, size, loader, b), None)
+    """``pool_for(detector)`` for one dataset image: its window features read once (SPP: the
+    cached maps below the top blocks; R-CNN: nothing until pooled), each trunk's own conv work
+    once (SPP: its top blocks), their seconds charged as "conv" to the variants of that trunk.
+    (R-CNN mode's conv passes happen when pooling: counted under "spp".)"""
     t0 = time.perf_counter()
-    lower = provider.lower_maps(rec.image_id, size, loader)
+    windows = provider.image(rec.image_id, size, lambda: load_image(rec.path))
     conv = time.perf_counter() - t0
-    maps: dict[str, tuple] = {}  # trunk_id -> (maps, seconds of its top blocks)
+    trunks: dict[str, float] = {}  # trunk_id -> seconds of its own conv work
     for name, det in detectors.items():
         ext = det.extractor
-        if ext.trunk_id not in maps:
+        if ext.trunk_id not in trunks:
             t0 = time.perf_counter()
-            tops = [ext.apply_top(m) for m in lower]
+            windows.prepare(ext)
             synchronize(ext.device)
-            maps[ext.trunk_id] = (tops, time.perf_counter() - t0)
-        timers[name].record("conv", conv + maps[ext.trunk_id][1])
-    return lambda det: lambda b: det.window_features(maps[det.extractor.trunk_id][0], b)
+            trunks[ext.trunk_id] = time.perf_counter() - t0
+        timers[name].record("conv", conv + trunks[ext.trunk_id])
+    return lambda det: det.pool_fn(windows)
 
 
 def _collect(per_class: dict, image_id: str, dets) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,96 +258,6 @@ class FeatureCache:
     def save(self, image_id: str, scale: int, flip: bool, fmap: Tensor) -> None:
         arr = fmap.detach().to("cpu").numpy().astype(self.dtype)
         atomic_save_npy(self.path(image_id, scale, flip), arr)
-
-
-class MapProvider:
-    """Conv maps of dataset images: from the cache when present, else computed (and cached)."""
-
-    def __init__(
-        self, extractor: FeatureExtractor, cache: FeatureCache | None, spp: SPPConfig | None = None
-    ) -> None:
-        self.extractor = extractor
-        self.cache = cache
-        self.spp = spp if spp is not None else SPPConfig()
-
-    def maps(
-        self,
-        image_id: str,
-        size: tuple[int, int],
-        load_image,
-        *,
-        flip: bool = False,
-        scales: Sequence[int] | None = None,
-        top: Callable[[Tensor], Tensor] | None = None,
-    ) -> list[ScaleMap]:
-        """Maps of one image. ``size`` is ``(height, width)``; ``load_image()`` reads the pixels.
-
-        ``scales`` picks a subset of the configured scales (fine-tuning uses one random scale).
-        The resize factors are recomputed from ``size``, so cached maps need no side files.
-        The extractor's top blocks run on the cached maps (:meth:`FeatureExtractor.apply_top`),
-        or ``top`` (``Tensor[1, C, h, w] -> Tensor[1, C', h, w]``) does, with autograd on:
-        fine-tuning passes the blocks it trains.
-        """
-        lower = self.lower_maps(image_id, size, load_image, flip=flip, scales=scales)
-        if top is None:
-            return [self.extractor.apply_top(m) for m in lower]
-        # a freshly computed (not cached) map is an inference tensor: autograd needs a copy
-        plain = [m.fmap.clone() if m.fmap.is_inference() else m.fmap for m in lower]
-        return [
-            ScaleMap(top(f.unsqueeze(0))[0], m.factor) for f, m in zip(plain, lower, strict=True)
-        ]
-
-    def lower_maps(
-        self,
-        image_id: str,
-        size: tuple[int, int],
-        load_image,
-        *,
-        flip: bool = False,
-        scales: Sequence[int] | None = None,
-    ) -> list[ScaleMap]:
-        """The cached (frozen) maps below the top blocks; computed and stored on a miss."""
-        all_scales = self.extractor.config.scales
-        want = tuple(s for s in all_scales if scales is None or s in scales)
-        factors = dict(zip(all_scales, self.extractor.factors(*size), strict=True))
-        have = {}
-        if self.cache is not None:
-            dev = self.extractor.device
-            for s in want:
-                if self.cache.has(image_id, (s,), flip):
-                    fmap = torch.from_numpy(self.cache.load(image_id, s, flip)).to(dev).float()
-                    have[s] = ScaleMap(fmap, factors[s])
-        missing = [s for s in want if s not in have]
-        if missing:
-            # Only the missing scales are computed: fine-tuning draws one random scale of a
-            # (flipped) image, and a 5-scale miss would otherwise cost all five conv passes.
-            maps = self.extractor.compute_lower(load_image(), flip=flip, scales=missing)
-            for s, m in zip(missing, maps, strict=True):
-                have[s] = m
-                if self.cache is not None:
-                    self.cache.save(image_id, s, flip, m.fmap)
-        return [have[s] for s in want]
-
-    def pool5(
-        self,
-        image_id: str,
-        size: tuple[int, int],
-        load_image,
-        boxes: np.ndarray,
-        *,
-        flip: bool = False,
-        scales: Sequence[int] | None = None,
-        top: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """``Tensor[N, D]`` SPP vectors of ``boxes`` (``Array[N, 4]``, unflipped image pixels).
-
-        The window features every training stage uses; :class:`sppdet.rcnn.RCNNProvider` has
-        the same method for R-CNN mode. With ``flip`` the boxes are mirrored to the flipped map;
-        ``top`` as in :meth:`maps`.
-        """
-        maps = self.maps(image_id, size, load_image, flip=flip, scales=scales, top=top)
-        b = flip_boxes(boxes, size[1]) if flip else boxes
-        return pool_windows(maps, b, self.extractor.spec, self.spp)
 
 
 def split_top(trunk: nn.Module, n: int, mode: str = "spp") -> tuple[nn.Module, nn.Module | None]:

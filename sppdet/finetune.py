@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sppdet.errors import ConfigError
-from sppdet.features import MapProvider, SPPConfig
+from sppdet.features import SPPConfig
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
+from sppdet.window_features import WindowFeatures
 from sppdet.windows import label_windows
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class _Batcher:
     """
 
     def __init__(
-        self, records, windows, provider: MapProvider, spp: SPPConfig, cfg, top=None
+        self, records, windows, provider: WindowFeatures, spp: SPPConfig, cfg, top=None
     ) -> None:
         self.records, self.windows, self.provider, self.spp, self.cfg = (
             records,
@@ -270,7 +271,7 @@ def _lr(cfg: FinetuneConfig, step: int) -> float:
 def finetune(
     records: Sequence,
     proposals,
-    provider: MapProvider,
+    provider: WindowFeatures,
     spp: SPPConfig,
     num_classes: int,
     cfg: FinetuneConfig,

@@ -20,6 +20,8 @@ Shape shorthand: ``N`` windows, ``S`` warped size, ``C`` channels, ``D = C * B``
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,8 +36,13 @@ from torchvision.ops import roi_align
 from sppdet.backbones import BackboneSpec, normalize
 from sppdet.errors import CacheMismatchError, SppdetError
 from sppdet.features import FeatureExtractor, SPPConfig, flip_boxes
-from sppdet.spp import SpatialPyramidPool
+from sppdet.spp import SpatialPyramidPool, spp_dim
 from sppdet.storage import atomic_save_npz, check_manifest
+from sppdet.timing import PROFILER_LABELS, StageHook
+
+log = logging.getLogger(__name__)
+
+DISK_MARGIN = 2 * 10**9  # bytes left free after an R-CNN extraction
 
 #: R-CNN's context padding in warped pixels (``rcnn_extract_regions``: padding = 16).
 CONTEXT_PADDING = 16
@@ -276,8 +283,36 @@ def _as_boxes(boxes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
+class RCNNImage:
+    """One image's R-CNN window features (:class:`~sppdet.window_features.ImageWindows`):
+    every window warped and convolved on its own (or read from the cache) when pooled.
+
+    Args:
+        compute: ``compute(boxes, hook) -> Tensor[N, D]``.
+    """
+
+    def __init__(self, compute: Callable[[np.ndarray, StageHook], Tensor]) -> None:
+        self._compute = compute
+
+    def prepare(self, extractor: FeatureExtractor) -> None:
+        """Nothing: the conv passes are per window, in :meth:`pool`."""
+
+    def pool(
+        self,
+        boxes: np.ndarray,
+        extractor: FeatureExtractor,
+        *,
+        dedup: bool = True,
+        hook: StageHook = PROFILER_LABELS,
+    ) -> tuple[Tensor, None]:
+        """``(Tensor[N, D], None)``: one row per window (``dedup`` is SPP's: warped windows
+        never share a vector)."""
+        return self._compute(_as_boxes(boxes), hook), None
+
+
 class RCNNProvider:
-    """R-CNN mode's counterpart of :class:`~sppdet.features.MapProvider` (same ``pool5``).
+    """R-CNN mode's :class:`~sppdet.window_features.WindowFeatures` (SPP's:
+    :class:`~sppdet.window_features.MapProvider`).
 
     With a :class:`RCNNCache` (``features.cache``, filled by the extract stage) the vectors of
     cached boxes are read and the others (flipped windows for fine-tuning, boxes that are not an
@@ -285,14 +320,13 @@ class RCNNProvider:
     so the result does not depend on what was cached. Without one, everything is recomputed.
     """
 
+    STORED = "window sets"
+
     def __init__(
         self, extractor: FeatureExtractor, spp: SPPConfig, cache: RCNNCache | None = None
     ) -> None:
         self.extractor, self.spp, self.cache = extractor, spp, cache
         self.featurizer = rcnn_featurizer(extractor, spp)
-
-    def maps(self, *args, **kwargs):
-        raise SppdetError("R-CNN mode has no whole-image conv maps (features.mode is 'rcnn')")
 
     def pool5(
         self,
@@ -307,7 +341,7 @@ class RCNNProvider:
     ) -> Tensor:
         """``Tensor[N, D]`` vectors of ``boxes`` of one image; ``scales`` is ignored (R-CNN
         warps every window to one size). ``top`` (trained conv blocks, as in
-        :meth:`sppdet.features.MapProvider.pool5`) must be None: R-CNN mode has no cached map
+        :meth:`sppdet.window_features.MapProvider.pool5`) must be None: R-CNN mode has no cached map
         below them."""
         if top is not None:
             raise SppdetError("conv fine-tuning through top blocks needs SPP mode")
@@ -323,13 +357,53 @@ class RCNNProvider:
             out[torch.from_numpy(miss)] = self._compute(load_image, boxes[miss], False).cpu()
         return out.to(self.extractor.device)
 
-    def store(self, image_id: str, load_image, boxes: np.ndarray) -> None:
+    def cached(self, image_id: str) -> bool:
+        return self.cache is not None and self.cache.has(image_id)
+
+    def check_disk(self, boxes: Sequence[np.ndarray]) -> None:
+        """Refuse caching these windows' vectors when they would fill the disk (~15 MB per
+        VOC image with MobileNetV2: 1,600 x 4,800 dims)."""
+        if self.cache is None:
+            return
+        dim = spp_dim(self.extractor.spec.channels, self.spp.levels)
+        need = sum(len(b) for b in boxes) * dim * self.cache.dtype.itemsize
+        free = shutil.disk_usage(self.cache.root).free
+        log.info(
+            "R-CNN mode caches %.1f GB of window vectors (%.1f GB free)", need / 1e9, free / 1e9
+        )
+        if need + DISK_MARGIN > free:
+            raise SppdetError(
+                f"caching R-CNN window vectors of {len(boxes)} images needs {need / 1e9:.1f} GB "
+                f"but {self.cache.root} has {free / 1e9:.1f} GB free (keeping "
+                f"{DISK_MARGIN / 1e9:.0f} GB spare); free space, extract fewer images (--limit) "
+                "or pass --no-cache (later stages then recompute the windows, ~5 ms each on a CPU)"
+            )
+
+    def store(self, image_id: str, size: tuple[int, int], load_image, boxes: np.ndarray) -> None:
         """Compute and cache the vectors of ``boxes`` (an image's proposals and GT boxes)."""
         if self.cache is None:
             raise SppdetError("R-CNN vector caching is off (features.cache)")
         boxes = _as_boxes(boxes)
         vectors = self.featurizer(load_image(), boxes, self.extractor.device)
         self.cache.save(image_id, boxes, vectors)
+
+    def image(self, image_id: str, size: tuple[int, int], load_image) -> RCNNImage:
+        """A dataset image: vectors from the cache, the others computed."""
+        return RCNNImage(lambda b, hook: self.pool5(image_id, size, load_image, b))
+
+    def from_image(self, image: np.ndarray) -> RCNNImage:
+        """A new image: every window warped from it and convolved (timed as ``warp`` and
+        ``conv`` through the hook)."""
+        prepared = self.featurizer.prepare(image, self.extractor.device)
+
+        def compute(boxes: np.ndarray, hook: StageHook) -> Tensor:
+            sub: dict[str, float] = {}
+            x = self.featurizer.features(prepared, boxes, sub)
+            hook.record("warp", sub.get("warp", 0.0))
+            hook.record("conv", sub.get("conv", 0.0))
+            return x
+
+        return RCNNImage(compute)
 
     def _compute(self, load_image, boxes: np.ndarray, flip: bool) -> Tensor:
         image = load_image()

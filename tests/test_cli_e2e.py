@@ -307,7 +307,7 @@ def test_rcnn_mode_trains_and_evaluates_end_to_end(trained, tmp_path, monkeypatc
     args = ("extract", "--devkit", data, "--split", "train", "--out", run, "--config", cfg,
             "--mode", "rcnn", "--limit", 4)  # fmt: skip
     with monkeypatch.context() as m:
-        m.setattr("sppdet.extract.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 9))
+        m.setattr("sppdet.rcnn.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 9))
         bad = CliRunner().invoke(cli, [str(a) for a in args])
     assert bad.exit_code != 0 and "GB free" in bad.output and "--no-cache" in bad.output
     assert "4 window sets computed" in invoke(*args).output

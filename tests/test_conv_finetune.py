@@ -19,8 +19,9 @@ from torch import nn
 import sppdet.finetune as ft
 from sppdet.backbones import BackboneSpec
 from sppdet.errors import ConfigError
-from sppdet.features import MapProvider, ScaleMap, SPPConfig
+from sppdet.features import ScaleMap, SPPConfig
 from sppdet.finetune import ConvTop, FinetuneConfig, finetune, load_trunk_top
+from sppdet.window_features import MapProvider
 from tests.test_finetune import SimulatedKillError, dataset
 
 SPEC = BackboneSpec("test", stride=16, channels=5, offset=0.0, tap="test", torchvision_model=None)

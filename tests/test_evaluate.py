@@ -13,6 +13,7 @@ from sppdet.detect import STAGES, Detector
 from sppdet.detect import TestConfig as DetConfig  # not "Test*": pytest would collect it
 from sppdet.evaluate import detect_variants
 from sppdet.timing import StageTimer
+from sppdet.window_features import SPPImage
 from tests import test_detect
 from tests.test_detect import (
     CLASSES,
@@ -68,7 +69,7 @@ def test_the_pass_gives_each_detectors_own_detections_and_shares_fc(extractor, h
     hook = head.fc6.register_forward_hook(lambda *_: fc6_calls.append(1))
     try:
         together = detect_variants(
-            dets, (H, W), props, lambda d: lambda b: d.window_features(maps, b), timers
+            dets, (H, W), props, lambda d: d.pool_fn(SPPImage(maps, SPP)), timers
         )
     finally:
         hook.remove()
@@ -111,7 +112,8 @@ def test_random_scorer_regresses_each_windows_own_row(extractor, head, maps):
         cfg = DetConfig(scorer="random", score_threshold=-1e9, fc_dtype="float32", dedup=dedup)
         det = Detector(extractor, SPP, None, None, FeatureRegressor(), 1.0, CLASSES, cfg)
         if dedup:
-            assert len(det.window_features(maps, props)[0]) < len(props)  # shared cells
+            pooled, _ = det.pool_fn(SPPImage(maps, SPP))(props)
+            assert len(pooled) < len(props)  # shared cells
         out[dedup] = det.detect_maps(maps, (H, W), props)
     assert len(out[True].scores) > 0
     assert as_rows(out[True]) == as_rows(out[False])

@@ -12,13 +12,13 @@ from sppdet.features import (
     FeatureCache,
     FeatureConfig,
     FeatureExtractor,
-    MapProvider,
     ScaleMap,
     SPPConfig,
     flip_boxes,
     pool_windows,
 )
 from sppdet.spp import map_windows, spp_dim, spp_pool
+from sppdet.window_features import MapProvider
 
 #: A made-up trunk geometry with a nonzero offset, so the offset is seen to be used.
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=15.0, tap="test", torchvision_model=None)

@@ -19,8 +19,9 @@ import torch
 import sppdet.finetune as ft
 from sppdet.backbones import BackboneSpec
 from sppdet.datasets import ImageRecord
-from sppdet.features import MapProvider, ScaleMap, SPPConfig
+from sppdet.features import ScaleMap, SPPConfig
 from sppdet.finetune import LAYERS, FCHead, FinetuneConfig, finetune, load_head
+from sppdet.window_features import MapProvider
 
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=0.0, tap="test", torchvision_model=None)
 SPP = SPPConfig()

@@ -185,8 +185,9 @@ def test_cached_vectors_equal_computed_ones_for_any_box_subset_and_flip(extracto
         calls.append(1)
         return image
 
-    cached.store("img", load, boxes[:5])
+    cached.store("img", (40, 50), load, boxes[:5])
     assert cache.has("img") and not cache.has("other") and len(calls) == 1
+    assert cached.cached("img") and not cached.cached("other") and not plain.cached("img")
     _, stored = cache.load("img")
     assert stored.dtype == np.float16 and stored.shape == (5, extractor.spec.channels * 5)
     ask = boxes[[4, 0, 6, 2, 5]]  # cached and uncached, permuted
@@ -198,6 +199,10 @@ def test_cached_vectors_equal_computed_ones_for_any_box_subset_and_flip(extracto
     hits = cached.pool5("img", (40, 50), load, boxes[[3, 1]])
     assert not calls  # all cached: the image is not even read
     torch.testing.assert_close(hits, torch.from_numpy(stored[[3, 1]]).float())
+    # the evaluation's per-image interface gives the same rows, one per window (no dedup)
+    pooled, inverse = cached.image("img", (40, 50), load).pool(ask, extractor)
+    assert inverse is None
+    torch.testing.assert_close(pooled, cached.pool5("img", (40, 50), load, ask), atol=0, rtol=0)
     assert cached.pool5("img", (40, 50), load, boxes[:0]).shape == (0, stored.shape[1])
 
 
