@@ -95,6 +95,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_config_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings, its ``base:`` file (a path relative to it) merged in first:
+    the file's keys override the base's, section by section."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {path}: its base files include it again")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: base must be a file name, not {base!r}")
+    out = load_config_yaml(path.parent / base, (*_seen, path.resolve()))
+    for key, value in data.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
+    return out
+
+
 #: Settings removed because nothing used them (every committed config and results file has the
 #: value kept here): ``spp.rule`` "round" and ``spp.shrink`` (the released code's window
 #: mapping), ``finetune.init`` "torch" (PyTorch's fc init, measured worse than He's),
@@ -134,7 +153,7 @@ def build_config(yaml_path: str | Path | None = None, **overrides: dict) -> RunC
     """Defaults, then the YAML deltas, then per-section overrides (from CLI options)."""
     cfg = RunConfig()
     if yaml_path is not None:
-        cfg = run_config(load_yaml(yaml_path), str(yaml_path))
+        cfg = run_config(load_config_yaml(yaml_path), str(yaml_path))
     delta = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()}
     return merge(cfg, {k: v for k, v in delta.items() if v}, "command line")
 

@@ -145,3 +145,28 @@ def test_committed_results_configs_still_load():
     assert configs, "no results with a config"
     for f, c in configs:
         run_config(c, str(f))
+
+
+def test_a_config_extends_its_base_section_by_section(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "features:\n  backbone: zf5\n  scales: [64]\nsvm:\n  C: 0.01\nworkers: 3\n"
+    )
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\nfeatures:\n  scales: [48]\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\nsvm:\n  tol: 0.5\n")
+    cfg = build_config(tmp_path / "sub" / "top.yaml")
+    assert cfg.features.backbone == "zf5" and cfg.features.scales == (48,)  # mid overrides base
+    assert (cfg.svm.C, cfg.svm.tol, cfg.workers) == (0.01, 0.5, 3)  # sections merge key by key
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include it again"):
+        build_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("base: absent.yaml\n")
+    with pytest.raises(ConfigError, match="cannot read config .*absent.yaml"):
+        build_config(tmp_path / "bad.yaml")
+
+
+def test_the_committed_configs_load():
+    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        build_config(path)  # strict: an unknown key or a broken base is an error
