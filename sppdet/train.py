@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,8 +46,24 @@ def _stage_manifest(run: Run, *sections: str) -> dict:
     return out
 
 
-def _check(directory, manifest: dict) -> None:
-    check_manifest(directory, manifest, LEGACY_SETTINGS)
+_PRODUCTS = {"finetune": "fine-tuned head", "svm": "SVMs", "bbox": "box regressors"}
+
+
+def _done(
+    run: Run, out: Path, section: str, product: str, summary: str, *, bound: bool
+) -> dict | None:
+    """The training stages' skeleton: check ``out``'s manifest (the run's features and the
+    stage's ``section``; with ``bound``, also the fine-tuned model the stage's output is only
+    valid for) and return the stage's ``summary`` file when its ``product`` exists (already
+    trained), else None."""
+    manifest = _stage_manifest(run, section)
+    if bound:
+        manifest["finetune_model"] = _model_id(run)
+    check_manifest(out, manifest, LEGACY_SETTINGS)
+    if not (out / product).exists():
+        return None
+    log.info("%s already trained: %s", _PRODUCTS[section], out / product)
+    return read_json(out / summary)
 
 
 def _tuned_trunk(run: Run) -> bool:
@@ -57,10 +74,8 @@ def _tuned_trunk(run: Run) -> bool:
 def run_finetune(run: Run, *, progress: bool = True) -> dict:
     """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
     out = run.path("finetune")
-    _check(out, _stage_manifest(run, "finetune"))
-    if (out / "model.pt").exists():
-        log.info("fine-tuning already done: %s", out / "model.pt")
-        return read_json(out / "metrics.json")
+    if (done := _done(run, out, "finetune", "model.pt", "metrics.json", bound=False)) is not None:
+        return done
     ds = run.dataset()
     props = run.proposals(ds)
     return finetune(
@@ -137,15 +152,9 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     if layer not in LAYERS:
         raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
     out = run.path(f"svm_{layer}")
-    finetuned = layer != "pool5"
-    manifest = _stage_manifest(run, "svm")
-    if finetuned:
-        # The SVMs are only valid for the exact fc weights they were trained on.
-        manifest["finetune_model"] = _model_id(run)
-    _check(out, manifest)
-    if (out / "svm.npz").exists():
-        log.info("SVMs already trained: %s", out / "svm.npz")
-        return read_json(out / "stats.json")
+    finetuned = layer != "pool5"  # fc SVMs are only valid for the fc weights they saw
+    if (done := _done(run, out, "svm", "svm.npz", "stats.json", bound=finetuned)) is not None:
+        return done
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
@@ -200,15 +209,9 @@ def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) ->
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
     """Per-class ridge regressors from SPP (pool5) vectors to R-CNN deltas (SPEC section 7)."""
     out = run.path("bbox")
-    manifest = _stage_manifest(run, "bbox")
-    tuned = _tuned_trunk(run)
-    if tuned:
-        # pool5 of the fine-tuned trunk: valid only for the conv weights it was trained on
-        manifest["finetune_model"] = _model_id(run)
-    _check(out, manifest)
-    if (out / "bbox.npz").exists():
-        log.info("box regressors already trained: %s", out / "bbox.npz")
-        return read_json(out / "stats.json")
+    tuned = _tuned_trunk(run)  # pool5 of a fine-tuned trunk: valid for its conv weights only
+    if (done := _done(run, out, "bbox", "bbox.npz", "stats.json", bound=tuned)) is not None:
+        return done
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)

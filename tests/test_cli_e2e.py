@@ -192,7 +192,7 @@ def test_second_train_is_a_no_op(trained, caplog):
     invoke("train", run, "--quiet")
     assert {p: (sha256(p), p.stat().st_mtime_ns) for p in outputs} == before
     messages = caplog.text
-    assert "fine-tuning already done" in messages
+    assert "fine-tuned head already trained" in messages
     assert "SVMs already trained" in messages
     assert "box regressors already trained" in messages
 
