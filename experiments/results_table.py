@@ -38,57 +38,105 @@ LABELS = {
     "random": "random scores, same proposals (chance)",
 }
 ORDER = list(LABELS)
+#: Results files without a ``recipe`` key are the first recipe's.
+BASELINE_RECIPE = "mnv2_frozen"
+#: recipe -> its column heading (``experiments.voc07 --recipe``).
+RECIPES = {
+    "mnv2_frozen": "MobileNetV2 `features[13]` (96 ch), frozen",
+    "mnv2_d17_frozen": "MobileNetV2 to `features[17]` (320 ch, dilated), frozen",
+}
+
+
+def recipe_of(r: dict) -> str:
+    return r.get("recipe") or BASELINE_RECIPE
+
+
+def recipes_in(results: list[dict]) -> list[str]:
+    """The recipes of ``results``: the known ones in :data:`RECIPES` order, then the others."""
+    have = {recipe_of(r) for r in results}
+    return [k for k in RECIPES if k in have] + sorted(have - set(RECIPES))
 
 
 def table(results: list[dict]) -> str:
-    """Markdown table of the results, sorted by scales then variant order."""
+    """Markdown table, one row per (scales, variant), one mAP column per recipe side by side,
+    the last recipe's gain over the first, and the paper's number."""
+    recipes = recipes_in(results)
+    cells: dict[tuple[int, str], dict[str, float]] = {}
+    for r in results:
+        cells.setdefault((len(r["scales"]), r["variant"]), {})[recipe_of(r)] = 100 * r["map"]
+    gain = len(recipes) > 1
     rows = [
-        "| scales | variant | mAP (VOC07 val, ours) | paper (VOC07 test, ZF-5) | test s/img "
-        "| commit |",
+        "| scales | variant | "
+        + " | ".join(RECIPES.get(k, k) for k in recipes)
+        + (" | gain |" if gain else " |")
+        + " paper (VOC07 test, ZF-5) |",
+        "|---|---|" + "---|" * (len(recipes) + gain + 1),
+    ]
+    order = lambda k: (k[0], ORDER.index(k[1]) if k[1] in ORDER else 99)  # noqa: E731
+    for n, variant in sorted(cells, key=order):
+        row = cells[(n, variant)]
+        maps = [f"{row[k]:.1f}" if k in row else "" for k in recipes]
+        first, last = row.get(recipes[0]), row.get(recipes[-1])
+        diff = f"{last - first:+.1f}" if first is not None and last is not None else ""
+        paper = PAPER.get(variant, {}).get(n)
+        rows.append(
+            f"| {n} | {LABELS.get(variant, variant)} | {' | '.join(maps)} |"
+            + (f" {diff} |" if gain else "")
+            + f" {'' if paper is None else f'{paper:.1f}'} |"
+        )
+    return "\n".join(rows)
+
+
+def details(results: list[dict]) -> str:
+    """Markdown table of every results file: its recipe, mAP, test time and commit."""
+    rows = [
+        "| recipe | scales | variant | mAP | test s/img | commit |",
         "|---|---|---|---|---|---|",
     ]
-    key = lambda r: (len(r["scales"]), ORDER.index(r["variant"]) if r["variant"] in ORDER else 99)  # noqa: E731
+    recipes = recipes_in(results)
+    key = lambda r: (  # noqa: E731
+        recipes.index(recipe_of(r)),
+        len(r["scales"]),
+        ORDER.index(r["variant"]) if r["variant"] in ORDER else 99,
+    )
     for r in sorted(results, key=key):
-        n = len(r["scales"])
-        paper = PAPER.get(r["variant"], {}).get(n)
         secs = sum(r["test_seconds_per_image"].values())
         rows.append(
-            f"| {n} | {LABELS.get(r['variant'], r['variant'])} | {100 * r['map']:.1f} | "
-            f"{'' if paper is None else f'{paper:.1f}'} | {secs:.2f} | `{r['commit'][:10]}` |"
+            f"| {recipe_of(r)} | {len(r['scales'])} | {r['variant']} | {100 * r['map']:.1f} | "
+            f"{secs:.2f} | `{r['commit'][:10]}` |"
         )
     return "\n".join(rows)
 
 
 def caption(results: list[dict]) -> str:
     r = results[0]
-    stages = {}
+    runs = {}
     for res in results:
-        stages[len(res["scales"])] = (
-            res["stage_seconds"],
-            res.get("stage_threads", {}),
-            res["peak_rss_gb"],
-            res["machine"],
-        )
+        runs[(recipe_of(res), len(res["scales"]))] = res
     lines = [
         f"Protocol: **{r['protocol']}** ({r['train_images']} train images, {r['val_images']} val "
-        f"images, VOC07 11-point AP, difficult ignored); backbone **{r['backbone']}** "
-        f"(`{r['weights']}`, sha256 `{(r['weights_sha256'] or '')[:12]}...`), conv layers frozen; "
-        f"proposals imported from `{r['config']['data']['proposals']}`; machines below. "
-        "The paper trains on VOC07 trainval (twice our "
-        "images) and tests on VOC07 test with ZF-5: its column is the anchor, not a like-for-like "
-        "number. Reproduce with `make voc07` (command in each results file); `make repro-1scale` "
-        "reruns the 1-scale one on a clean clone and compares (`experiments/repro.sh`).",
+        "images, VOC07 11-point AP, difficult ignored); ImageNet weights and selective-search "
+        f"proposals from `../shared` (proposals `{r['config']['data']['proposals']}`). The paper "
+        "trains on VOC07 trainval (twice our images) and tests on VOC07 test with ZF-5: its "
+        "column is the anchor, not a like-for-like number. Reproduce with the command in each "
+        "results file (`make voc07`, `make voc07-d17-1scale`); `make repro-1scale` reruns the "
+        "baseline's 1-scale run on a clean clone and compares (`experiments/repro.sh`).",
         "",
     ]
-    for n, (st, threads, rss, m) in sorted(stages.items()):
+    recipes = recipes_in(results)
+    for rec, n in sorted(runs, key=lambda k: (recipes.index(k[0]), k[1])):
+        res = runs[(rec, n)]
+        st, threads, m = res["stage_seconds"], res.get("stage_threads", {}), res["machine"]
         # a 1-thread stage ran beside another one (experiments.voc07 --lanes 2)
         parts = ", ".join(
             f"{k} {v / 60:.0f} min{' (1 thread, in a lane)' if threads.get(k) == 1 else ''}"
             for k, v in st.items()
         )
         lines.append(
-            f"- {n}-scale stage wall times ({m['cpu_model']}, {m['cpu_count']} cores, device "
-            f"{m['device']}): {parts}; peak RSS of one stage {rss} GiB."
+            f"- {rec}, {n} scale{'s' if n > 1 else ''}: backbone {res['backbone']} "
+            f"(sha256 `{(res['weights_sha256'] or '')[:12]}...`); stage wall times "
+            f"({m['cpu_model']}, {m['cpu_count']} cores, device {m['device']}): {parts}; peak "
+            f"RSS of one stage {res['peak_rss_gb']} GiB."
         )
     return "\n".join(lines)
 
@@ -167,7 +215,8 @@ def main() -> None:
         raise SystemExit(f"no results/voc07_*.json in {args.results} and no --bench file")
     if results:
         repro = reproductions(args.results / "reproductions")
-        body = "\n".join([caption(results), *repro]) + f"\n\n{table(results)}"
+        body = "\n".join([caption(results), *repro])
+        body += f"\n\n{table(results)}\n\nEvery results file:\n\n{details(results)}"
         _rewrite(args.results_doc, START, END, body)
         print(f"updated {args.results_doc} from {len(results)} results files")
     if args.bench is not None:
