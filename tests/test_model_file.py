@@ -9,6 +9,8 @@ demo-config run: at most 2e-3, the same mAP for every ablation row).
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import io
 import json
 import subprocess
 import sys
@@ -41,6 +43,13 @@ def exported(trained) -> dict[str, Path]:
         res = invoke("export", trained["run"], "--out", path, "--dtype", dtype)
         assert f"export: {path}" in res.output
     return out
+
+
+def load_blob(path: Path) -> dict:
+    """The dict inside a model file (gzip-compressed ``torch.save``)."""
+    data = Path(path).read_bytes()
+    assert data[:2] == b"\x1f\x8b"  # gzip
+    return torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
 
 
 def val_images(trained, n: int = 3) -> list[Path]:
@@ -91,7 +100,7 @@ def test_float16_model_is_close_to_the_run(trained, exported, tmp_path):
 
 def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported, tmp_path):
     run_head = torch.load(Run.open(trained["run"]).path("finetune", "model.pt"), weights_only=True)
-    blob = torch.load(exported["int8"], map_location="cpu", weights_only=True)
+    blob = load_blob(exported["int8"])
     head = read_model(exported["int8"], "cpu").head()
     for name in ("fc6", "fc7"):
         q, scale = blob["head"]["state"][f"{name}.weight"], blob["head"]["scales"][f"{name}.weight"]
@@ -121,7 +130,7 @@ def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported,
 
 
 def test_version_1_files_are_still_read(exported, tmp_path):
-    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    blob = load_blob(exported["float16"])
     blob["version"] = 1
     del blob["head"]["scales"]  # version 1 had no int8 weights
     torch.save(blob, tmp_path / "v1.pt")
@@ -131,7 +140,7 @@ def test_version_1_files_are_still_read(exported, tmp_path):
 
 
 def test_the_file_holds_what_the_test_path_needs(trained, exported):
-    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    blob = load_blob(exported["float16"])
     assert (blob["format"], blob["version"]) == (FORMAT, VERSION)
     assert blob["config"]["features"]["backbone"] == "zf5"
     assert blob["config"]["test"]["scorer"] == "svm" and blob["classes"] == list(trained["classes"])
@@ -153,12 +162,13 @@ def test_eval_with_a_model_file(trained, exported, tmp_path):
     assert (tmp_path / "mrun" / "eval" / "val" / "eval.json").is_file()
 
 
-def test_a_file_that_is_not_a_model_is_a_one_line_error(trained, tmp_path):
+def test_a_file_that_is_not_a_model_is_a_one_line_error(trained, exported, tmp_path):
     image = val_images(trained, 1)[0]
     bad = tmp_path / "notes.pt"
     bad.write_text("not a model\n")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "state.pt")
-    for path in (bad, tmp_path / "state.pt"):
+    (tmp_path / "cut.pt").write_bytes(exported["int8"].read_bytes()[:1000])  # a cut download
+    for path in (bad, tmp_path / "state.pt", tmp_path / "cut.pt"):
         res = CliRunner().invoke(cli, ["detect", str(image), "--model", str(path)])
         assert res.exit_code == 2, res.output
         assert res.output.startswith("error: ") and res.output.count("\n") == 1
@@ -166,7 +176,7 @@ def test_a_file_that_is_not_a_model_is_a_one_line_error(trained, tmp_path):
 
 
 def test_other_format_versions_are_refused(exported, tmp_path):
-    blob = torch.load(exported["float16"], map_location="cpu", weights_only=True)
+    blob = load_blob(exported["float16"])
     blob["version"] = VERSION + 1
     path = tmp_path / "future.pt"
     torch.save(blob, path)
@@ -236,7 +246,7 @@ def test_conv_finetuned_run_exports_its_tuned_blocks(trained, tmp_path):
     invoke("train", run, "--quiet")
     model = tmp_path / "m.pt"
     invoke("export", run, "--out", model, "--dtype", "float32")
-    blob = torch.load(model, map_location="cpu", weights_only=True)
+    blob = load_blob(model)
     assert "0.weight" in blob["trunk_top"] and blob["config"]["conv_blocks"] == 2
     tuned, frozen = blob["trunk_top"]["0.weight"], blob["trunk"]["12.weight"]
     assert tuned.shape == frozen.shape and not torch.equal(tuned, frozen)
