@@ -88,12 +88,21 @@ def detect_command(
     help="RUN/eval/<NAME>/eval.json whose mAP the file states (default: the run's test "
     "settings evaluated on VOC07 val, if any).",
 )
-def export_command(run_dir, out, dtype, eval_name):
+@click.option(
+    "--scorer",
+    type=click.Choice(["svm", "softmax"]),
+    help="The model's default scorer (`detect` without --scorer; default: the run's test "
+    "setting). The file holds the SVMs and the softmax layer either way.",
+)
+def export_command(run_dir, out, dtype, eval_name, scorer):
     """Write a trained run's test path (trunk, fc head, SVMs, box regressors, settings,
     provenance) to one self-contained model file."""
     from sppdet.model_file import export_model
 
-    prov = export_model(open_run(run_dir), out, dtype=dtype, eval_name=eval_name)
+    run = open_run(run_dir)
+    if scorer is not None:
+        run = run.with_test(scorer=scorer)
+    prov = export_model(run, out, dtype=dtype, eval_name=eval_name)
     size = Path(out).stat().st_size / 2**20
     m = prov["map_voc07_val"]
     stated = "none stated" if m is None else f"{100 * m:.1f}"

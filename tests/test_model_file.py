@@ -152,6 +152,16 @@ def test_the_file_holds_what_the_test_path_needs(trained, exported):
     assert blob["preprocessing"]["scales"] == [64] and len(blob["preprocessing"]["mean"]) == 3
 
 
+def test_export_scorer_sets_the_models_default(trained, tmp_path):
+    model = tmp_path / "soft.pt"
+    invoke("export", trained["run"], "--out", model, "--dtype", "float32", "--scorer", "softmax")
+    assert load_blob(model)["config"]["test"]["scorer"] == "softmax"
+    images = val_images(trained)
+    soft_run = detect_json(tmp_path, *images, "--run", trained["run"], "--scorer", "softmax")
+    assert detect_json(tmp_path, *images, "--model", model) == soft_run  # no --scorer needed
+    assert sum(len(r["detections"]) for r in soft_run) > 0
+
+
 def test_eval_with_a_model_file(trained, exported, tmp_path):
     data = trained["data"]
     j = tmp_path / "m.json"
