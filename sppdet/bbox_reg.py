@@ -282,8 +282,9 @@ def ridge_fit(
     gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
     rhs = torch.zeros(d + 1, yt.shape[1], dtype=torch.float64, device=dev)
     for s in range(0, r, 4096):  # row chunks: never a float64 copy of all of x
-        xc = torch.as_tensor(x[s : s + 4096], device=dev).double()
-        xc = torch.cat([xc, torch.ones(len(xc), 1, dtype=xc.dtype, device=dev)], 1)
+        chunk = torch.as_tensor(x[s : s + 4096], device=dev)
+        xc = torch.ones(len(chunk), d + 1, dtype=torch.float64, device=dev)  # [x, 1] in place:
+        xc[:, :d] = chunk  # one float64 chunk (0.5 GB at D = 16,000), not two
         gram.addmm_(xc.T, xc)
         rhs.addmm_(xc.T, yt[s : s + 4096])
     gram.diagonal().add_(lam)
