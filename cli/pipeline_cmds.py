@@ -28,7 +28,7 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--split", required=True, help="ImageSets/Main split, e.g. train or val.")
 @click.option("--out", "run_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option(
-    "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2)."
+    "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2_d17)."
 )
 @click.option("--weights", help="random, imagenet (torchvision download) or a state_dict PATH.")
 @click.option("--scales", help="Shorter sides: 688, '480,576,688,864,1200', or 1 / 5 presets.")

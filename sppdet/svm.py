@@ -63,8 +63,9 @@ class SVMConfig:
     target_norm: float = 20.0  # features scaled to this mean L2 norm (rcnn_feature_stats)
     max_negatives_per_class: int = 15000  # cache bound (ours; memory up to K * 1.25 * this *
     # D * 4 bytes between trims): training sees at most this many, the hardest
-    max_cache_gb: float = 3.0  # all classes' negative caches together (ours): lowers the
-    # per-class bound for wide features (pool5 of 4,800 dims: 15,000 x 20 classes took 9.4 GB)
+    max_cache_gb: float = 6.0  # all classes' negative caches together (ours): lowers the
+    # per-class bound for wide features (pool5 of 4,800 dims: 15,000 x 20 classes took 9.4 GB;
+    # the default backbone's pool5 is 16,000-d: 3,033 per class at 6 GB, 1,000 at 3)
     use_difficult: bool = False  # difficult objects as positives, and windows overlapping them
     # not negatives: R-CNN's roidb_from_voc.m keeps every object for SVM training (SPP-net
     # reuses it); py-faster-rcnn drops them. False: the earlier results' protocol
