@@ -237,3 +237,39 @@ def test_negative_cap_follows_the_memory_budget():
     assert 20 * (wide + cfg.retrain_every) * 4800 * 4 <= 3.0 * 2**30
     assert SVMTrainer.negative_cap(20, 10**7, cfg) == 1000  # the floor
     assert SVMTrainer(20, 4800, cfg).caches[0].max_negatives == wide
+
+
+def test_a_full_cache_skips_storing_what_its_next_trim_would_drop(monkeypatch):
+    """The admission threshold saves copies only: with it and without it, the same images give
+    the same SVMs to the last bit, the same retrainings and the same counts."""
+    cfg = dataclasses.replace(
+        CFG, C=0.01, max_negatives_per_class=1000, retrain_every=700, hard_threshold=-1.5,
+        evict_threshold=-3.0,
+    )  # fmt: skip
+
+    add = HardNegativeCache.add_negatives
+
+    def mine(admit: bool):
+        stored = []  # rows copied into the caches
+
+        def counting(self, x, scores, rejected=0):
+            stored.append(len(x))
+            add(self, x, scores, rejected)
+
+        monkeypatch.setattr(HardNegativeCache, "add_negatives", counting)
+        if not admit:
+            monkeypatch.setattr(HardNegativeCache, "admission_threshold", lambda self: -np.inf)
+        rng = np.random.default_rng(7)
+        trainer = SVMTrainer(2, D, cfg)
+        for i in range(12):  # ~400 hard negatives an image against a 1,000-row cache
+            x, is_gt, labels, iou = image(rng, 5, close=400, far=50, cls=i % 2, close_x0=0.5)
+            trainer.add_image(x, is_gt, labels, iou)
+        svms = trainer.finish()
+        monkeypatch.undo()
+        return svms, trainer.stats(), sum(stored)
+
+    (a, stats_a, stored_a), (b, stats_b, stored_b) = mine(True), mine(False)
+    np.testing.assert_array_equal(a.W, b.W)
+    np.testing.assert_array_equal(a.b, b.b)
+    assert stats_a == stats_b and stats_a[0]["retrains"] >= 3
+    assert stored_a < 0.9 * stored_b  # it did skip rows
