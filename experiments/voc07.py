@@ -52,6 +52,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-val", type=int, help="First N val images only (quick runs).")
     p.add_argument("--results", type=Path, default=ROOT / "results")
     p.add_argument(
+        "--write-results",
+        action="store_true",
+        help="Run no stage: write results/*.json from the evaluations already in RUN/eval "
+        "(e.g. after an `eval --ablations` run by hand). The files record the full command.",
+    )
+    p.add_argument(
         "--recipe",
         help="Short name of the recipe in the results files (default: the config's file name).",
     )
@@ -104,6 +110,9 @@ def main() -> int:
          "--fc-dtype", "float32"],
         rec,
     )  # fmt: skip
+    if args.write_results:
+        write_results(args, read_record(rec))
+        return 0
     args.run.mkdir(parents=True, exist_ok=True)
     run_stage(extract_train)
     run_lanes([train, beside] if args.lanes == 2 else [train + beside])
@@ -118,7 +127,8 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
     feats = cfg["features"]
     weights = feats["weights"]
     sha = file_sha256(weights) if weights and Path(weights).is_file() else None
-    command = shlex.join(["python", "-m", "experiments.voc07", *sys.argv[1:]])
+    argv = [a for a in sys.argv[1:] if a != "--write-results"]  # the command that reruns it all
+    command = shlex.join(["python", "-m", "experiments.voc07", *argv])
     peak = max(s["peak_rss_gb"] for s in stages.values())
     args.results.mkdir(parents=True, exist_ok=True)
     for eval_dir in sorted((args.run / "eval").glob("val_*")):
