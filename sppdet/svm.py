@@ -168,7 +168,8 @@ class HardNegativeCache:
         pool5 of 16,000 dims: ~1,600 rows of 64 KB per image and class)."""
         if self.num_neg < self.max_negatives:
             return -np.inf
-        _, s = self.negatives()
+        # the scores alone: negatives() would consolidate the rows, a copy of the whole cache
+        s = np.concatenate(self._neg_scores)
         return float(np.partition(s, len(s) - self.max_negatives)[len(s) - self.max_negatives])
 
     def add_negatives(self, x: np.ndarray, scores: np.ndarray, rejected: int = 0) -> None:
