@@ -157,9 +157,11 @@ def _pack(state: dict, half: bool) -> dict:
 
 
 def _pack_head(head: dict, half: bool, int8: bool) -> dict:
-    state, scales = _pack(head["model"], half), {}
-    for k in INT8_KEYS if int8 else ():
-        state[k], scales[k] = quantize_rows(head["model"][k].detach().cpu().float())
+    model, keys = head["model"], INT8_KEYS if int8 else ()
+    state = _pack({k: v for k, v in model.items() if k not in keys}, half)
+    scales = {}
+    for k in keys:
+        state[k], scales[k] = quantize_rows(model[k].detach().cpu().float())
     return {"config": head["config"], "state": state, "scales": scales}
 
 
