@@ -340,7 +340,8 @@ def read_model(path: str | Path, device: str = "auto") -> ModelFile:
     if blob.get("version") not in READABLE_VERSIONS:
         raise SppdetError(
             f"{path} is an sppdet model file of format version {blob.get('version')}; this "
-            f"sppdet reads version {VERSION}: re-export it from its run with `sppdet export`"
+            f"sppdet reads versions {', '.join(map(str, READABLE_VERSIONS))}: re-export it "
+            "from its run with `sppdet export`"
         )
     c = blob["config"]
     features = merge(FeatureConfig(), {**c["features"], "weights": None, "cache": False})

@@ -16,9 +16,9 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -50,7 +50,11 @@ def atomic_create_text(path: str | os.PathLike, text: str) -> bool:
     return _write_via_temp(path, text.encode("utf-8"), exclusive=True)
 
 
-def _write_via_temp(path: str | os.PathLike, data: bytes, *, exclusive: bool) -> bool:
+def _write_via_temp(
+    path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], *, exclusive: bool
+) -> bool:
+    """Write ``data`` (bytes, or a function writing to the open file) to a temporary file
+    beside ``path``, then move it there (``exclusive``: only if ``path`` does not exist)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,7 +62,7 @@ def _write_via_temp(path: str | os.PathLike, data: bytes, *, exclusive: bool) ->
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes 0600 files; give the result the mode a plain open() would have.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if not exclusive:
@@ -89,10 +93,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Atomically write arrays as an uncompressed ``.npz``."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    """Atomically write arrays as an uncompressed ``.npz``, streamed to disk (no copy in memory:
+    an SVM mining checkpoint holds gigabytes)."""
+    _write_via_temp(path, lambda f: np.savez(f, **arrays), exclusive=False)
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

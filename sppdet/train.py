@@ -7,8 +7,10 @@ complete; features are streamed one image at a time, never all held at once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -19,15 +21,26 @@ from tqdm import tqdm
 
 from sppdet.bbox_reg import BBoxRegTrainer
 from sppdet.configutil import to_dict
-from sppdet.errors import SppdetError
+from sppdet.errors import DataError, SppdetError
 from sppdet.finetune import LAYERS, FCHead, finetune, load_head
 from sppdet.imageio import load_image
 from sppdet.run import Run
-from sppdet.storage import atomic_write_json, check_manifest, file_sha256, read_json
-from sppdet.svm import LinearSVMs, SVMTrainer, feature_scale_from_samples
+from sppdet.storage import (
+    atomic_save_npz,
+    atomic_write_json,
+    check_manifest,
+    file_sha256,
+    read_json,
+)
+from sppdet.svm import LinearSVMs, feature_scale_from_samples
+from sppdet.svm_mining import SVMTrainer
 from sppdet.windows import label_windows
 
 log = logging.getLogger(__name__)
+
+#: Seconds of mining between checkpoints of the SVM stage (``svm_<layer>/checkpoint.npz``). A
+#: frozen pool5 of the default backbone caches ~4 GB of negatives, tens of seconds per write.
+SVM_CHECKPOINT_SECONDS = 900.0
 
 #: Images sampled to estimate the mean feature norm (R-CNN rcnn_feature_stats samples 200).
 NORM_SAMPLE_IMAGES = 50
@@ -36,7 +49,9 @@ NORM_SAMPLE_IMAGES = 50
 #: Settings left out of stage manifests at these values (``check_manifest``'s ``legacy``), so
 #: stages trained before they were added (at their default) or removed (at the value that
 #: remains, see ``sppdet.run.REMOVED_KEYS``) stay valid.
-LEGACY_SETTINGS = {"svm": {"retrain_growth": 0.0, "loss": "hinge", "dedup_neg_iou": None}}
+LEGACY_SETTINGS = {
+    "svm": {"retrain_growth": 0.0, "loss": "hinge", "dedup_neg_iou": None, "pos_iou": None}
+}
 
 
 def _stage_manifest(run: Run, *sections: str) -> dict:
@@ -147,8 +162,17 @@ def _norm_scale(run, ds, props, provider, head, layer, target: float) -> float:
     return feature_scale_from_samples(np.concatenate(samples), target)
 
 
-def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dict:
-    """Per-class linear SVMs with hard-negative mining on ``layer`` features (SPEC section 6)."""
+def run_train_svm(
+    run: Run,
+    layer: str = "fc7",
+    *,
+    progress: bool = True,
+    checkpoint_seconds: float = SVM_CHECKPOINT_SECONDS,
+) -> dict:
+    """Per-class linear SVMs with hard-negative mining on ``layer`` features (SPEC section 6).
+
+    Mining saves its state to ``svm_<layer>/checkpoint.npz`` after the positives and then every
+    ``checkpoint_seconds``; a rerun resumes from it (the same SVMs as an uninterrupted run)."""
     if layer not in LAYERS:
         raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
     out = run.path(f"svm_{layer}")
@@ -160,50 +184,98 @@ def run_train_svm(run: Run, layer: str = "fc7", *, progress: bool = True) -> dic
     props = run.proposals(ds)
     provider = run.provider(ds.split, tuned=finetuned)
     head = _head(run, layer) if finetuned else None
-    scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
-    trainer = _svm_with_positives(run, ds, provider, head, layer, scale, progress)
+    ckpt = out / "checkpoint.npz"
+    trainer, before = _resume_svm(ckpt, run.config.svm, len(ds))
+    if trainer is None:
+        scale = _norm_scale(run, ds, props, provider, head, layer, run.config.svm.target_norm)
+        trainer = _svm_with_positives(run, ds, props, provider, head, layer, scale, progress)
+        _save_svm_checkpoint(ckpt, trainer, time.perf_counter() - t0)
+    scale, saved = trainer.feature_scale, time.perf_counter()
+    mined = itertools.islice(
+        _labelled(ds, props, run.config.svm.use_difficult), trainer.images, None
+    )
     for rec, lw, _ in tqdm(
-        _labelled(ds, props, run.config.svm.use_difficult),
-        total=len(ds),
-        desc=f"svm {layer}",
-        disable=not progress,
+        mined, total=len(ds), initial=trainer.images, desc=f"svm {layer}", disable=not progress
     ):
         x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
         # Positives are all in already; GT rows here only serve as other classes' negatives.
         no_gt = np.zeros(len(lw.boxes), dtype=bool)
         trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou)
+        if time.perf_counter() - saved >= checkpoint_seconds and trainer.images < len(ds):
+            _save_svm_checkpoint(ckpt, trainer, before + time.perf_counter() - t0)
+            saved = time.perf_counter()
     svms = trainer.finish()
     stats = trainer.stats()
     svms.save(out / "svm.npz")
     summary = {
         "layer": layer,
         "feature_scale": scale,
-        "seconds": time.perf_counter() - t0,
+        "seconds": before + time.perf_counter() - t0,
         "classes": dict(zip(ds.classes, stats, strict=True)),
     }
     atomic_write_json(out / "stats.json", summary)
+    ckpt.unlink(missing_ok=True)
     return summary
 
 
-def _svm_with_positives(run: Run, ds, provider, head, layer, scale, progress) -> SVMTrainer:
-    """An :class:`SVMTrainer` holding every positive: the non-difficult GT boxes of all images.
+def _save_svm_checkpoint(path: Path, trainer: SVMTrainer, seconds: float) -> None:
+    atomic_save_npz(path, seconds=np.float64(seconds), **trainer.state())
+    log.info("svm: checkpoint after %d images: %s", trainer.images, path)
+
+
+def _resume_svm(path: Path, config, num_images: int) -> tuple[SVMTrainer | None, float]:
+    """The trainer saved in ``path`` and the seconds it had run, or ``(None, 0.0)``."""
+    if not path.exists():
+        return None, 0.0
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        trainer = SVMTrainer.from_state(state, config)
+        seconds = float(state["seconds"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, DataError) as exc:
+        raise DataError(f"cannot resume from {path} ({exc}); delete it to start over") from exc
+    if trainer.images > num_images:
+        raise DataError(f"{path} has mined {trainer.images} images of {num_images}; delete it")
+    log.info("svm: resuming after %d of %d images from %s", trainer.images, num_images, path)
+    return trainer, seconds
+
+
+def _svm_with_positives(run: Run, ds, props, provider, head, layer, scale, progress) -> SVMTrainer:
+    """An :class:`SVMTrainer` holding every positive: the non-difficult GT boxes of all images
+    (and, with ``svm.pos_iou``, the proposals that overlap one of them that much).
 
     R-CNN (``rcnn_train.m``) gathers all positives before mining negatives, so even the first
     retrain of a class sees all its positives; accumulating them image by image would make the
     early models (which pick the hard negatives) from a handful of positives.
     """
+    cfg = run.config.svm
     xs, ys = [], []
     for rec in tqdm(ds, desc=f"svm {layer} positives", disable=not progress):
-        keep = _kept(rec, run.config.svm.use_difficult)
-        if keep.any():
-            x = _image_features(run, provider, rec, rec.boxes[keep], head, layer)
+        boxes, labels = _positive_windows(rec, props, cfg, len(ds.classes))
+        if len(boxes):
+            x = _image_features(run, provider, rec, boxes, head, layer)
             xs.append(x.cpu().numpy() * scale)
-            ys.append(rec.labels[keep])
+            ys.append(labels)
     if not xs:
         raise SppdetError("no non-difficult ground-truth boxes in the training images")
-    trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], run.config.svm, feature_scale=scale)
+    trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], cfg, feature_scale=scale)
     trainer.add_positives(np.concatenate(xs), np.concatenate(ys))
     return trainer
+
+
+def _positive_windows(rec, props, cfg, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``Array[P, 4]`` positive windows of one image and ``Array[P]`` their classes: the kept GT
+    boxes, then (``cfg.pos_iou``) each proposal whose best same-class IoU reaches it, labelled
+    with that class (a window over two classes' objects goes to the one it overlaps most)."""
+    keep = _kept(rec, cfg.use_difficult)
+    gt, gt_labels = rec.boxes[keep], rec.labels[keep]
+    if cfg.pos_iou is None or not len(gt):
+        return gt, gt_labels
+    lw = label_windows(props.boxes_for(rec.image_id), gt, gt_labels, num_classes, include_gt=False)
+    best = lw.class_iou.argmax(axis=1)
+    hit = lw.class_iou[np.arange(len(best)), best] >= cfg.pos_iou
+    boxes = np.concatenate([gt, lw.boxes[hit]]).astype(np.float32)
+    return boxes, np.concatenate([gt_labels, best[hit]]).astype(np.int64)
 
 
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:

@@ -211,6 +211,44 @@ def test_train_svm_retrain_growth_is_recorded_in_its_stage_only(trained, tmp_pat
     assert res.exit_code != 0 and "retrain_growth" in res.output
 
 
+def test_train_svm_interrupted_resumes_from_its_checkpoint(trained, tmp_path, monkeypatch):
+    """Killed while mining, the SVM stage resumes from svm_fc7/checkpoint.npz and trains the
+    SVMs that the uninterrupted stage trained, to the last bit."""
+    from sppdet import train
+    from sppdet.run import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    shutil.rmtree(run / "svm_fc7")
+    features, calls, die_at = train._image_features, [], [0]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == die_at[0]:
+            raise KeyboardInterrupt
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_image_features", counted)
+    shutil.copytree(run, tmp_path / "count", symlinks=True)
+    train.run_train_svm(Run.open(tmp_path / "count"), "fc7", progress=False)  # count the calls
+    die_at[0] = len(calls) - 8 + 4  # the last 8 calls mine the 8 images: die at the 4th
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train_svm(Run.open(run), "fc7", progress=False, checkpoint_seconds=0)
+    with np.load(run / "svm_fc7/checkpoint.npz") as z:
+        assert int(z["images"]) == 3
+    monkeypatch.setattr(train, "_image_features", features)
+    calls.clear()
+    summary = train.run_train_svm(Run.open(run), "fc7", progress=False)
+    assert not (run / "svm_fc7/checkpoint.npz").exists()
+    with np.load(run / "svm_fc7/svm.npz") as a, np.load(trained["run"] / "svm_fc7/svm.npz") as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    done = json.loads((trained["run"] / "svm_fc7/stats.json").read_text())
+    assert (
+        summary["classes"] == done["classes"] and summary["feature_scale"] == done["feature_scale"]
+    )
+
+
 def test_eval_fast_path_variants_in_one_pass(trained):
     """Each speed setting is one change to the exact float32 row, evaluated in the same pass:
     dedup and a full-rank SVD give the exact detections up to rounding, int8 fc6/fc7 scores

@@ -190,7 +190,9 @@ def test_other_format_versions_are_refused(exported, tmp_path):
     blob["version"] = VERSION + 1
     path = tmp_path / "future.pt"
     torch.save(blob, path)
-    with pytest.raises(SppdetError, match=f"format version {VERSION + 1}.*sppdet export"):
+    with pytest.raises(
+        SppdetError, match=f"format version {VERSION + 1}.*reads versions 1, 2: re-export"
+    ):
         read_model(path)
 
 

@@ -10,14 +10,13 @@ import torch
 
 from sppdet.errors import DataError
 from sppdet.svm import (
-    HardNegativeCache,
     LinearSVMs,
     SVMConfig,
-    SVMTrainer,
     feature_scale_from_samples,
     svm_objective,
     train_linear_svm,
 )
+from sppdet.svm_mining import HardNegativeCache, SVMTrainer
 
 D = 32
 # C = 0.001 suits ~10^4 samples of norm 20 (R-CNN); these tests have tens of samples
@@ -273,3 +272,40 @@ def test_a_full_cache_skips_storing_what_its_next_trim_would_drop(monkeypatch):
     np.testing.assert_array_equal(a.b, b.b)
     assert stats_a == stats_b and stats_a[0]["retrains"] >= 3
     assert stored_a < 0.9 * stored_b  # it did skip rows
+
+
+@pytest.mark.parametrize(("stop", "growth"), [(0, 0.0), (5, 0.0), (11, 0.0), (5, 0.5)])
+def test_mining_resumed_from_its_saved_state_trains_the_same_svms(tmp_path, stop, growth):
+    """An interrupted stage resumes from SVMTrainer.state() written to an .npz (what
+    train-svm's checkpoint is): the same SVMs to the last bit, the same statistics."""
+    cfg = dataclasses.replace(
+        CFG, C=0.01, max_negatives_per_class=300, retrain_every=200, hard_threshold=-1.5,
+        evict_threshold=-3.0, retrain_growth=growth,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    images = [image(rng, 4, close=150, far=20, cls=i % 2, close_x0=0.5) for i in range(12)]
+
+    def mine(trainer, todo):
+        for x, is_gt, labels, iou in todo:
+            trainer.add_image(x, is_gt, labels, iou)
+        return trainer
+
+    whole = mine(SVMTrainer(2, D, cfg, feature_scale=0.5), images)
+    first = mine(SVMTrainer(2, D, cfg, feature_scale=0.5), images[:stop])
+    np.savez(tmp_path / "state.npz", **first.state())
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    resumed = mine(SVMTrainer.from_state(state, cfg), images[stop:])
+    assert resumed.images == whole.images == 12
+    a, b = whole.finish(), resumed.finish()
+    np.testing.assert_array_equal(a.W, b.W)
+    np.testing.assert_array_equal(a.b, b.b)
+    assert a.feature_scale == b.feature_scale == 0.5
+    assert whole.stats() == resumed.stats() and whole.stats()[0]["retrains"] >= 2
+
+
+def test_a_state_that_is_not_a_mining_state_is_refused():
+    state = SVMTrainer(2, D, CFG).state()
+    del state["c1/neg"]
+    with pytest.raises(DataError, match="not an SVM mining state"):
+        SVMTrainer.from_state(state, CFG)
