@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-d17-5scale tap-study repro-1scale repro-5scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-d17-5scale tap-study repro-1scale repro-5scale repro-d17-1scale repro-d17-5scale clean
 
 venv: $(STAMP)
 
@@ -69,3 +69,10 @@ repro-1scale: $(STAMP)
 
 repro-5scale: $(STAMP)
 	bash experiments/repro.sh voc07_mnv2_5scale voc07-5scale
+
+# The same check for the d17 recipe (issue 17's successor of repro-1scale).
+repro-d17-1scale: $(STAMP)
+	bash experiments/repro.sh voc07_d17_1scale voc07-d17-1scale
+
+repro-d17-5scale: $(STAMP)
+	bash experiments/repro.sh voc07_d17_5scale voc07-d17-5scale
