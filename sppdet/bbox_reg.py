@@ -8,19 +8,19 @@ the internal convention of :mod:`sppdet.boxes` (width ``x2 - x1``, no "+1")::
 Invariant (detectron2 ``Box2BoxTransform`` style, tested): ``decode(P, encode(P, G)) == G`` up to
 rounding, for proposals ``P`` with positive sizes and ``|tw|, |th| <= DELTA_CLIP``.
 
-Training follows ``spp_train_bbox_regressor.m`` (SPP-net) / ``rcnn_train_bbox_regressor.m``: one
-ridge regressor per class on ``[features, 1]`` (the bias is penalised like the weights), targets
-centred by their class mean. R-CNN also whitens the targets with ``T = cov^-1/2`` and predicts
-``Y T^-1 + mu``; ridge is linear in the targets, so that whitening does not change a single
-prediction. We store a per-coordinate ``std = sqrt(var + 0.001)`` (R-CNN's ``D + 0.001``) only
-to keep the solved weights of order one; it is a no-op for the predictions, too.
+Training (:mod:`sppdet.bbox_train`) follows ``spp_train_bbox_regressor.m`` (SPP-net) /
+``rcnn_train_bbox_regressor.m``: one ridge regressor per class on ``[features, 1]`` (the bias is
+penalised like the weights), targets centred by their class mean. R-CNN also whitens the targets
+with ``T = cov^-1/2`` and predicts ``Y T^-1 + mu``; ridge is linear in the targets, so that
+whitening does not change a single prediction. We store a per-coordinate ``std = sqrt(var + 0.001)``
+(R-CNN's ``D + 0.001``) only to keep the solved weights of order one; it is a no-op for the
+predictions, too.
 
 Shape shorthand: ``N`` boxes, ``K`` classes, ``D`` feature dims, ``R`` rows kept for one class.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import zipfile
@@ -34,13 +34,11 @@ from sppdet.boxes import box_iou
 from sppdet.errors import DataError
 from sppdet.storage import atomic_save_npz
 
-log = logging.getLogger(__name__)
-
 #: Upper clamp of ``tw, th`` before ``exp`` in :func:`decode` (Detectron ``BBOX_XFORM_CLIP``,
 #: detectron2 ``_DEFAULT_SCALE_CLAMP``): a box can grow at most 1000/16 times per side.
 DELTA_CLIP = math.log(1000.0 / 16)
 
-_VAR_EPS = 0.001  # R-CNN adds 0.001 to the target covariance eigenvalues before whitening
+VAR_EPS = 0.001  # R-CNN adds 0.001 to the target covariance eigenvalues before whitening
 
 
 def _parts(boxes):
@@ -251,156 +249,3 @@ class BBoxRegressor:
 
 
 _FIELDS = ("weights", "bias", "target_mean", "target_std", "num_samples")
-
-
-def ridge_fit(
-    x: np.ndarray, y: np.ndarray, lam: float, *, form: str = "auto", device: str = "cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Solve ``min ||[x, 1] B - y||^2 + lam ||B||^2`` (bias penalised, as R-CNN) in float64.
-
-    The primal form factors a ``(D+1)^2`` matrix, the dual form an ``R^2`` one
-    (``B = [x, 1]^T (x x^T + 1 + lam I)^-1 y``); ``form="auto"`` picks the one with fewer flops.
-    Both are a Cholesky solve (R-CNN ``ridge_reg_chol``), run with torch on ``device``.
-
-    Args:
-        x: ``Array[R, D]`` features. y: ``Array[R, T]`` targets. lam: penalty, > 0.
-
-    Returns:
-        ``w`` ``Array[D, T]`` and ``b`` ``Array[T]``, float64.
-    """
-    r, d = x.shape
-    if form == "auto":
-        form = "dual" if r * r * (d + r / 3) < r * d * d + d**3 / 3 else "primal"
-    dev = torch.device(device)
-    yt = torch.as_tensor(np.asarray(y, np.float64), device=dev)
-    if form == "dual":
-        xt = torch.as_tensor(x, device=dev).double()
-        gram = xt @ xt.T + 1.0
-        gram.diagonal().add_(lam)
-        alpha = torch.cholesky_solve(yt, torch.linalg.cholesky(gram, out=gram))
-        return (xt.T @ alpha).cpu().numpy(), alpha.sum(0).cpu().numpy()
-    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
-    rhs = torch.zeros(d + 1, yt.shape[1], dtype=torch.float64, device=dev)
-    for s in range(0, r, 4096):  # row chunks: never a float64 copy of all of x
-        chunk = torch.as_tensor(x[s : s + 4096], device=dev)
-        xc = torch.ones(len(chunk), d + 1, dtype=torch.float64, device=dev)  # [x, 1] in place:
-        xc[:, :d] = chunk  # one float64 chunk (0.5 GB at D = 16,000), not two
-        gram.addmm_(xc.T, xc)
-        rhs.addmm_(xc.T, yt[s : s + 4096])
-    gram.diagonal().add_(lam)
-    # in place: a second (D+1)^2 float64 matrix is 2 GB at the 16,000-d pool5 of mobilenet_v2_d17
-    beta = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram, out=gram)).cpu().numpy()
-    return beta[:-1], beta[-1]
-
-
-class _Reservoir:
-    """A uniform sample of at most ``cap`` rows of a stream (Vitter's algorithm R, batched)."""
-
-    def __init__(self, cap: int, dim: int, dtype: np.dtype) -> None:
-        self.cap, self.dim, self.dtype = cap, dim, dtype
-        self.x = np.zeros((0, dim), dtype)
-        self.y = np.zeros((0, 4), np.float64)
-        self.n, self.seen = 0, 0
-
-    def add(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
-        take = min(len(x), self.cap - self.n)
-        if take:
-            self._grow(self.n + take)
-            self.x[self.n : self.n + take], self.y[self.n : self.n + take] = x[:take], y[:take]
-            self.n += take
-        rest = np.arange(take, len(x))
-        if len(rest):
-            # row number t (0-based) of the stream replaces slot j ~ U{0..t} when j < cap
-            j = rng.integers(0, self.seen + rest + 1)
-            hit = j < self.cap
-            slots, src = j[hit], rest[hit]
-            # later rows win a slot drawn twice, as in the sequential algorithm
-            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
-            self.x[slots[last]], self.y[slots[last]] = x[src[last]], y[src[last]]
-        self.seen += len(x)
-
-    def _grow(self, need: int) -> None:
-        if need <= len(self.x):
-            return
-        size = min(self.cap, max(need, 2 * len(self.x), 256))
-        x, y = np.zeros((size, self.dim), self.dtype), np.zeros((size, 4), np.float64)
-        x[: self.n], y[: self.n] = self.x[: self.n], self.y[: self.n]
-        self.x, self.y = x, y
-
-
-class BBoxRegTrainer:
-    """Streams regression examples in, image by image, and fits one ridge per class.
-
-    Args:
-        num_classes: ``K`` (class indices ``0..K-1``, no background).
-        dim: ``D``, the feature length (scaled the same way at train and test time).
-        config: :class:`BBoxRegConfig`.
-        seed: the reservoir's random seed (training is deterministic given the stream).
-    """
-
-    def __init__(
-        self, num_classes: int, dim: int, config: BBoxRegConfig | None = None, seed: int = 0
-    ) -> None:
-        self.num_classes, self.dim = num_classes, dim
-        self.config = config or BBoxRegConfig()
-        self._rng = np.random.default_rng(seed)
-        cap, dtype = self.config.max_samples_per_class, np.dtype(self.config.storage_dtype)
-        self._res = [_Reservoir(cap, dim, dtype) for _ in range(num_classes)]
-
-    def add(
-        self,
-        features: np.ndarray,
-        proposals: np.ndarray,
-        gt_boxes: np.ndarray,
-        labels: np.ndarray,
-        ious: np.ndarray | None = None,
-    ) -> None:
-        """Add rows of one image.
-
-        Args:
-            features: ``Array[N, D]`` float32.
-            proposals: ``Array[N, 4]`` internal xyxy.
-            gt_boxes: ``Array[N, 4]`` the ground truth matched to each row.
-            labels: ``Array[N]`` int64 class index; ``-1`` skips the row.
-            ious: optional ``Array[N]`` IoU of each row with its ground truth; rows below
-                ``config.min_iou`` are skipped (e.g. from :func:`match_training_rows`).
-        """
-        labels = np.asarray(labels, np.int64).reshape(-1)
-        keep = labels >= 0
-        if ious is not None:
-            keep &= np.asarray(ious).reshape(-1) >= self.config.min_iou
-        if not keep.any():
-            return
-        if labels[keep].max() >= self.num_classes:
-            raise ValueError(f"label {labels[keep].max()} >= num_classes {self.num_classes}")
-        features = np.asarray(features, np.float32).reshape(len(labels), self.dim)
-        rows = np.flatnonzero(keep)
-        p = np.asarray(proposals, np.float64).reshape(-1, 4)[rows]
-        targets = encode(p, np.asarray(gt_boxes, np.float64).reshape(-1, 4)[rows])
-        for c in np.unique(labels[rows]):
-            sel = labels[rows] == c
-            self._res[c].add(features[rows[sel]], targets[sel], self._rng)
-
-    def counts(self) -> tuple[list[int], list[int]]:
-        """Per class: rows held in the reservoir, rows seen."""
-        return [r.n for r in self._res], [r.seen for r in self._res]
-
-    def fit(self, device: str = "cpu") -> BBoxRegressor:
-        """Fit the per-class ridge regressors (torch on ``device``; ``"cuda"`` is much faster for
-        large ``D``). A class with no rows gets zero deltas (proposals pass unchanged)."""
-        k, d, lam = self.num_classes, self.dim, self.config.ridge_lambda
-        w = np.zeros((k, d, 4), np.float32)
-        b = np.zeros((k, 4), np.float32)
-        mean = np.zeros((k, 4), np.float32)
-        std = np.ones((k, 4), np.float32)
-        for c, res in enumerate(self._res):
-            if res.n == 0:
-                log.warning("bbox regression: class %d has no training rows", c)
-                continue
-            y = res.y[: res.n]
-            mu, sd = y.mean(0), np.sqrt(y.var(0) + _VAR_EPS)
-            wc, bc = ridge_fit(res.x[: res.n], (y - mu) / sd, lam, device=device)
-            w[c], b[c], mean[c], std[c] = wc, bc, mu, sd
-            log.info("bbox regression: class %d fitted on %d of %d rows", c, res.n, res.seen)
-        n = np.array([r.n for r in self._res], np.int64)
-        return BBoxRegressor(weights=w, bias=b, target_mean=mean, target_std=std, num_samples=n)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sppdet.bbox_reg import BBoxRegTrainer
+from sppdet.bbox_train import BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.errors import DataError, SppdetError
 from sppdet.finetune import LAYERS, FCHead, finetune, load_head
@@ -299,13 +299,15 @@ def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
             continue
         x = _image_features(run, provider, rec, lw.boxes[sel], None, "pool5").cpu().numpy()
         if trainer is None:
-            trainer = BBoxRegTrainer(len(ds.classes), x.shape[1], cfg)
+            # rows in temporary files: pool5 reservoirs are gigabytes (sppdet.bbox_train.FileRows)
+            trainer = BBoxRegTrainer(len(ds.classes), x.shape[1], cfg, spill_dir=out)
         gt = rec.boxes[~rec.difficult][lw.gt_index[sel]]
         trainer.add(x * scale, lw.boxes[sel], gt, labels[lw.gt_index[sel]])
     if trainer is None:
         raise SppdetError("no training windows overlap a ground truth box")
     # the scale goes into the regressors' own file: test time needs nothing else
     model = dataclasses.replace(trainer.fit(), feature_scale=scale)
+    trainer.close()
     model.save(out / "bbox.npz")
     summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
     atomic_write_json(out / "stats.json", summary)

@@ -1,4 +1,5 @@
-"""Tests of sppdet.bbox_reg: the delta round trip, ridge solver, reservoir, model I/O."""
+"""Tests of sppdet.bbox_reg and sppdet.bbox_train: the delta round trip, ridge solver, reservoir,
+model I/O."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from sppdet.bbox_reg import (
     DELTA_CLIP,
     BBoxRegConfig,
     BBoxRegressor,
-    BBoxRegTrainer,
     decode,
     encode,
     match_training_rows,
-    ridge_fit,
 )
+from sppdet.bbox_train import BBoxRegTrainer, ridge_fit
 from sppdet.errors import DataError
 
 
@@ -135,6 +135,32 @@ def test_reservoir_is_bounded_and_uniform():
     assert len(np.unique(kept)) == cap
     assert 0.3 < (kept < n / 2).mean() < 0.7  # uniform over the stream, not the first rows
     assert kept.max() > n * 0.8
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_reservoirs_spilled_to_disk_fit_the_same_regressors(tmp_path, dtype):
+    """Rows kept in temporary files (spill_dir) instead of memory: the same regressors to the
+    last bit, through the reservoirs' filling and replacement phases; no file left behind."""
+    rng = np.random.default_rng(8)
+    cfg = BBoxRegConfig(max_samples_per_class=150, storage_dtype=dtype, ridge_lambda=3.0)
+    images = []
+    for _ in range(12):  # 12 x 40 rows over 3 classes: every reservoir overflows its 150
+        p = random_boxes(rng, 40)
+        images.append((rng.normal(size=(40, 9)), p, p + rng.normal(0, 2, (40, 4))))
+        images[-1] += (rng.integers(0, 3, 40),)
+    memory, spilled = (
+        BBoxRegTrainer(3, 9, cfg, seed=2),
+        BBoxRegTrainer(3, 9, cfg, seed=2, spill_dir=tmp_path),
+    )
+    for trainer in (memory, spilled):
+        for x, p, gt, labels in images:
+            trainer.add(x, p, gt, labels)
+    assert memory.counts() == spilled.counts() and max(memory.counts()[1]) > 150
+    a, b = memory.fit(), spilled.fit()
+    for f in ("weights", "bias", "target_mean", "target_std", "num_samples"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    del spilled
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_match_training_rows():
