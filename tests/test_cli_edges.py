@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -148,3 +149,24 @@ def test_a_run_made_with_relative_paths_before_keeps_working_from_there(
     (line,) = res.stderr.splitlines()
     assert line.startswith(f"error: {legacy / 'config.yaml'}: data.devkit 'data' is relative")
     assert "run sppdet from that directory" in line
+
+
+def test_detect_reads_a_phone_photo_upright(trained, tmp_path):
+    """A photo stored sideways with an EXIF "rotate 90 CW" tag is detected as its upright twin
+    (the same pixels stored turned): the same detections, boxes in the upright frame."""
+
+    with Image.open(trained["images"][0]) as im:
+        upright = np.asarray(im.convert("RGB").resize((96, 120)))
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns the stored pixels 90 degrees clockwise
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+        tmp_path / "phone.png", exif=exif
+    )
+    out = tmp_path / "dets.json"
+    args = ("--run", trained["run"], "--score-threshold", -5, "--json", out)
+    invoke("detect", tmp_path / "upright.png", tmp_path / "phone.png", *args)
+    twin, phone = json.loads(out.read_text())
+    assert phone["detections"] == twin["detections"] and phone["detections"]
+    assert max(d["box"][2] for d in phone["detections"]) <= 96  # 96 wide, 120 high
+    assert max(d["box"][3] for d in phone["detections"]) > 96
