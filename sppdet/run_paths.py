@@ -78,6 +78,9 @@ def relative_paths(data: Mapping[str, Any], start: str | Path | None = None) -> 
 def stored_path(value: str | None, setting: str, config_file: str | Path) -> str | None:
     """``value`` of the path setting ``setting`` as ``config_file`` stores it, checked.
 
+    The error does not suggest editing the path into an absolute one: the trained stages'
+    manifests hold the ``data`` section as it was, and would refuse the edited run.
+
     Raises:
         ConfigError: a relative path (a run made before paths were stored absolute) that does
             not exist from the working directory.
@@ -86,8 +89,7 @@ def stored_path(value: str | None, setting: str, config_file: str | Path) -> str
         return value
     raise ConfigError(
         f"{config_file}: {setting} {value!r} is relative to the directory the run was made in "
-        f"and is not found from {Path.cwd()}: run sppdet from that directory (or write the "
-        "absolute path in that file)"
+        f"and is not found from {Path.cwd()}: run sppdet from that directory"
     )
 
 
