@@ -16,7 +16,12 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--voc2007", is_flag=True, help="Evaluate on a PASCAL VOC2007 split (required).")
 @click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
 @click.option("--split", required=True, help="Split to evaluate, e.g. val.")
-@click.option("--detections", type=_DIR, help="Directory of comp4_det_<split>_<class>.txt files.")
+@click.option(
+    "--detections",
+    type=_DIR,
+    help="Directory of comp4_det_<split>_<class>.txt files. A class without its file has no "
+    "detections (as in the devkit; warned); no file of the split for any class is an error.",
+)
 @click.option("--run", "run_dir", type=_DIR, help="A trained run: detect over the split first.")
 @click.option(
     "--model",

@@ -25,8 +25,19 @@ _FILE = click.Path(exists=True, dir_okay=False)
     help="A model file (`sppdet export`). Without --run and --model: the shipped "
     "models/sppdet_voc07.pt.",
 )
-@click.option("--json", "json_out", type=click.Path(), help="Write detections as JSON.")
-@click.option("--out-image", type=click.Path(), help="PNG with boxes (one image) or a directory.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(),
+    help="Write the detections of the images that could be read as JSON.",
+)
+@click.option(
+    "--out-image",
+    type=click.Path(),
+    help="Draw the boxes: to this PNG for one image; for several (or into an existing "
+    "directory) into this directory as <stem>_det.png, or <stem>_det_<k>.png for the k-th of "
+    "images sharing a stem (a/x.png, b/x.jpg: x_det_1.png, x_det_2.png).",
+)
 @click.option(
     "--score-threshold",
     type=float,
@@ -46,7 +57,9 @@ def detect_command(
     images, run_dir, model, json_out, out_image, score_threshold, scorer, device, mode, **kw
 ):
     """Detect objects in images; print class, score and box per detection, draw and/or save
-    them."""
+    them. An image that cannot be read is reported (one line naming it) and skipped; the
+    others' detections are still printed and saved, and the command then fails (exit 2)."""
+    from sppdet.errors import SppdetError
     from sppdet.predict import detect_images, detector_for
 
     if run_dir is not None and model is not None:
@@ -57,8 +70,18 @@ def detect_command(
         raise click.UsageError("--mode checks a run: it needs --run")
     test = {"scorer": scorer, **fast_test(kw, conv_default="auto")}
     detector = detector_for(run_dir, model, device=device, test=test)
+    failed = []
+
+    def report(path, exc):
+        click.echo(f"error: {exc}", err=True)
+        failed.append(path)
+
     results = detect_images(
-        [Path(p) for p in images], detector, out_image=out_image, score_threshold=score_threshold
+        [Path(p) for p in images],
+        detector,
+        out_image=out_image,
+        score_threshold=score_threshold,
+        on_error=report,
     )
     for res in results:
         click.echo(f"{res['image']}: {len(res['detections'])} detections")
@@ -69,6 +92,8 @@ def detect_command(
         from sppdet.storage import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(results, indent=2) + "\n")
+    if failed:
+        raise SppdetError(f"{len(failed)} of {len(images)} images could not be read (see above)")
 
 
 @click.command("export")

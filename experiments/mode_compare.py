@@ -42,6 +42,7 @@ from pathlib import Path
 from experiments.stages import Stage, read_record, run_lanes
 from sppdet.bench import machine
 from sppdet.run import CONFIG_FILE, load_yaml
+from sppdet.run_paths import relative_paths
 from sppdet.storage import atomic_write_json, git_commit, read_json
 from sppdet.viz import plot_ap_comparison
 
@@ -115,8 +116,9 @@ def plan(args: argparse.Namespace) -> tuple[list[list[Stage]], list[list[Stage]]
 
 
 def _run_config(args: argparse.Namespace, mode: str) -> dict:
-    """The resolved config a mode's run directory stores (written by its first extract)."""
-    return load_yaml(args.run / mode / CONFIG_FILE)
+    """The resolved config a mode's run directory stores (written by its first extract), its
+    paths relative to the working directory as committed results name them."""
+    return relative_paths(load_yaml(args.run / mode / CONFIG_FILE))
 
 
 def _spp_label(args: argparse.Namespace, mode: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from experiments.voc07 import machine
+from sppdet.run_paths import relative_paths
 from sppdet.storage import atomic_write_json, read_json
 
 VARIANTS = ("pool5", "fc7", "fc7_bb", "softmax", "softmax_bb", "random")
@@ -38,7 +39,7 @@ def parse_args() -> argparse.Namespace:
 def row(label: str, runs: str) -> dict:
     run, _, pool5_run = runs.partition(",")
     run = Path(run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = relative_paths(yaml.safe_load((run / "config.yaml").read_text()))  # as committed
     evals = {}
     for v in VARIANTS:
         src = Path(pool5_run) if (v == "pool5" and pool5_run) else run

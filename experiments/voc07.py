@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from experiments.stages import Stage, read_record, run_lanes, run_stage
+from sppdet.run_paths import relative_paths
 from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,9 @@ def main() -> int:
 
 def write_results(args: argparse.Namespace, stages: dict) -> None:
     """``results/<name>_<variant>.json`` for each evaluated variant."""
-    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+    # paths relative to the working directory (the repository root), as committed results and
+    # configs/*.yaml name them: a run made since stores them absolute
+    cfg = relative_paths(yaml.safe_load((args.run / "config.yaml").read_text()))
     feats = cfg["features"]
     weights = feats["weights"]
     sha = file_sha256(weights) if weights and Path(weights).is_file() else None

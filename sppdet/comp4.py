@@ -90,13 +90,19 @@ def read_comp4(
     Boxes are converted back with the inverse of ``to_voc`` in float64, so the devkit's own parse
     of the file is reproduced exactly (``from_voc`` would round them to float32).
 
+    A class without its file has no detections (as in the devkit, with a warning); a directory
+    without the file of any class is an error: nothing was detected, or the directory, split or
+    class names are not the ones the files were written for.
+
     Args:
         image_ids: the split's image ids; a detection on another image is a :class:`DataError`
             (``strict``) or is dropped with a warning (``strict=False``: a ``--limit``-ed split).
 
     Raises:
-        DataError: a malformed line (file and line number in the message) or an unknown image id.
+        DataError: a malformed line (file and line number in the message), an unknown image id,
+            or no file of ``split`` for any of ``classes``.
     """
+    _check_some_file(Path(directory), split, classes)
     known = None if image_ids is None else set(image_ids)
     out, dropped = {}, 0
     for name in classes:
@@ -121,6 +127,36 @@ def read_comp4(
             "%s: dropped %d detections on images outside the evaluated set", directory, dropped
         )
     return out
+
+
+def _check_some_file(directory: Path, split: str, classes: Sequence[str]) -> None:
+    """A :class:`DataError` unless ``directory`` holds the comp4 file of ``split`` of at least
+    one of ``classes``; the message says which splits its comp4 files are for, if any."""
+    if not directory.is_dir():
+        raise DataError(f"detections directory not found: {directory}")
+    if not classes or any(comp4_path(directory, split, c).is_file() for c in classes):
+        return
+    names = [p.name for p in directory.glob("comp4_det_*.txt")]
+    # a file name is comp4_det_<split>_<class>.txt and class names may hold "_": match them
+    head = len("comp4_det_")
+    splits = sorted(
+        {
+            n[head : -len(tail)]
+            for n in names
+            for tail in (f"_{c}.txt" for c in classes)
+            if n.endswith(tail) and len(n) > head + len(tail)
+        }
+    )
+    if splits:
+        found = f"its comp4 files are for split(s) {', '.join(splits)}"
+    elif names:
+        found = f"its {len(names)} comp4 file(s) name none of these classes"
+    else:
+        found = "it holds no comp4 files"
+    raise DataError(
+        f"{directory} has no comp4_det_{split}_<class>.txt file for any of the {len(classes)} "
+        f"classes (e.g. {comp4_path(directory, split, classes[0]).name}): {found}"
+    )
 
 
 def evaluate_comp4_dir(

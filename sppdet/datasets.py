@@ -3,7 +3,9 @@
 A :class:`Dataset` is a tuple of :class:`ImageRecord` s, one per image, in split-file order. Boxes
 are in the internal convention of :mod:`sppdet.boxes` (0-based continuous xyxy); labels are
 0-based indices into ``Dataset.classes`` (the background class of the detector is not part of
-it). Only annotations are read here; pixels are read later by :func:`sppdet.imageio.load_image`.
+it). Only annotations and image headers (for their EXIF orientation: images are read upright,
+see :func:`sppdet.imageio.check_annotated_size`) are read here; pixels are read later by
+:func:`sppdet.imageio.load_image`.
 
 Shape shorthand: ``G`` ground-truth boxes of one image.
 """
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from sppdet import boxes as B
 from sppdet.errors import ConfigError, DataError
-from sppdet.imageio import image_size
+from sppdet.imageio import check_annotated_size, image_size, warn_unsure_orientations
 
 __all__ = [
     "VOC_CLASSES",
@@ -59,7 +61,8 @@ class ImageRecord:
     Attributes:
         image_id: id as in the split file (VOC) or ``str(image id)`` (COCO).
         path: the image file.
-        width, height: image size in pixels (the stored pixel grid, EXIF orientation ignored).
+        width, height: image size in pixels, upright (EXIF orientation applied), as
+            :func:`~sppdet.imageio.load_image` reads the image.
         boxes: ``Array[G, 4]`` float32, internal 0-based continuous xyxy, inside the image.
         labels: ``Array[G]`` int64, index into ``Dataset.classes``.
         difficult: ``Array[G]`` bool; VOC "difficult" or COCO "iscrowd" (ignored by evaluation).
@@ -201,10 +204,12 @@ def load_voc(
         ids = ids[:limit]
     index = {name: i for i, name in enumerate(class_names)}
     name = f"voc{year}_{split}"
+    unsure: list[Path] = []
     records = [
-        _voc_record(root, image_id, index)
+        _voc_record(root, image_id, index, unsure)
         for image_id in tqdm(ids, desc=f"load {name}", unit="img", disable=len(ids) < _PROGRESS_MIN)
     ]
+    warn_unsure_orientations(name, unsure)
     return Dataset(name=name, classes=class_names, records=tuple(records), root=root, split=split)
 
 
@@ -255,8 +260,11 @@ def _read_split(root: Path, split: str, classes: tuple[str, ...]) -> list[str]:
     return ids
 
 
-def _voc_record(root: Path, image_id: str, index: dict[str, int]) -> ImageRecord:
-    """Parse ``Annotations/<image_id>.xml`` into a record (image existence checked too)."""
+def _voc_record(
+    root: Path, image_id: str, index: dict[str, int], unsure: list[Path]
+) -> ImageRecord:
+    """Parse ``Annotations/<image_id>.xml`` into a record (image existence and orientation
+    checked too; ``unsure`` collects images whose annotated view the size cannot tell)."""
     xml_path = root / "Annotations" / f"{image_id}.xml"
     image_path = root / "JPEGImages" / f"{image_id}.jpg"
     if not os.path.exists(xml_path):
@@ -268,6 +276,8 @@ def _voc_record(root: Path, image_id: str, index: dict[str, int]) -> ImageRecord
     except ET.ParseError as exc:
         raise DataError(f"cannot parse annotation {xml_path}: {exc}") from exc
     width, height = _voc_size(tree, xml_path, image_path)
+    if check_annotated_size(image_path, (width, height), xml_path):
+        unsure.append(image_path)
     raw, labels, difficult = _voc_objects(tree, xml_path, index)
     boxes, keep = _clean_boxes(B.from_voc(raw), width, height, xml_path)
     return ImageRecord(image_id, image_path, width, height, boxes, labels[keep], difficult[keep])
@@ -366,10 +376,12 @@ def load_coco(
             raise ConfigError(f"limit must be at least 1, got {limit}")
         image_ids = image_ids[:limit]
     split = split or ann_path.stem
+    unsure: list[Path] = []
     records = [
-        _coco_record(coco, i, image_dir, label_of, ann_path)
+        _coco_record(coco, i, image_dir, label_of, ann_path, unsure)
         for i in tqdm(image_ids, desc=f"load coco_{split}", disable=len(image_ids) < _PROGRESS_MIN)
     ]
+    warn_unsure_orientations(f"coco_{split}", unsure)
     return Dataset(f"coco_{split}", classes, tuple(records), image_dir, split, ann_path)
 
 
@@ -388,13 +400,17 @@ def _open_coco(path: Path):
         raise DataError(f"cannot parse COCO annotations {path}: bad structure ({exc!r})") from exc
 
 
-def _coco_record(coco, coco_id: int, image_dir: Path, label_of: dict[int, int], source: Path):
-    """One :class:`ImageRecord` from the COCO index."""
+def _coco_record(
+    coco, coco_id: int, image_dir: Path, label_of: dict[int, int], source: Path, unsure: list
+):
+    """One :class:`ImageRecord` from the COCO index (``unsure``: as in :func:`_voc_record`)."""
     info = coco.imgs[coco_id]
     image_path = image_dir / info["file_name"]
     if not os.path.exists(image_path):
         raise DataError(f"image not found: {image_path} (image id {coco_id} in {source})")
     width, height = int(info["width"]), int(info["height"])
+    if check_annotated_size(image_path, (width, height), source):
+        unsure.append(image_path)
     anns = coco.imgToAnns.get(coco_id, [])
     raw = B.from_xywh(np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4))
     labels = np.asarray([label_of[a["category_id"]] for a in anns], dtype=np.int64)

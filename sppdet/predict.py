@@ -6,9 +6,13 @@ Shape shorthand: ``M`` detections.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sppdet.detect import Detector
+from sppdet.errors import DataError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.imageio import load_image
 from sppdet.model import load_detector
@@ -48,33 +52,85 @@ def detector_for(
     return load_detector(source, dataclasses.replace(source.test, **test))
 
 
+def drawing_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """File names of the drawings of ``paths`` in a directory: unique and deterministic.
+
+    ``<stem>_det.png``, except for images whose stems are equal (ignoring case, for
+    case-insensitive file systems; e.g. ``a/x.png`` and ``b/x.jpg``, or one image given twice):
+    those are ``<stem>_det_<k>.png``, ``k`` = 1, 2, ... in the order given. No two names can be
+    equal: only the shared stems end in ``_det_<digits>``.
+    """
+    stems = [Path(p).stem for p in paths]
+    count = Counter(s.casefold() for s in stems)
+    seen: Counter[str] = Counter()
+    names = []
+    for stem in stems:
+        key = stem.casefold()
+        if count[key] == 1:
+            names.append(f"{stem}_det.png")
+        else:
+            seen[key] += 1
+            names.append(f"{stem}_det_{seen[key]}.png")
+    return names
+
+
+def drawing_paths(paths: Sequence[str | os.PathLike], out_image: str | os.PathLike) -> list[Path]:
+    """Where :func:`detect_images` draws each image: ``out_image`` itself for one image (unless
+    it is a directory), else :func:`drawing_names` in the directory ``out_image``.
+
+    Raises:
+        SppdetError: several images and ``out_image`` is an existing file.
+    """
+    target = Path(out_image)
+    if len(paths) == 1 and not target.is_dir():
+        return [target]
+    if target.exists() and not target.is_dir():
+        raise SppdetError(f"{target} is a file: the drawings of several images need a directory")
+    return [target / name for name in drawing_names(paths)]
+
+
 def detect_images(
-    paths: list[Path],
+    paths: Sequence[str | os.PathLike],
     detector: Detector,
     *,
-    out_image: str | Path | None = None,
+    out_image: str | os.PathLike | None = None,
     score_threshold: float | None = None,
+    on_error: Callable[[Path, DataError], None] | None = None,
 ) -> list[dict]:
     """Detect in each image; returns ``[{"image", "detections": [{class, score, box}]}]``.
 
-    Boxes are internal 0-based continuous xyxy pixels. ``score_threshold``: report scores at
-    or above it (default :data:`DISPLAY_THRESHOLDS` of the detector's scorer). With
-    ``out_image`` a PNG with the boxes is written (to that path for one image, into that
+    Boxes are internal 0-based continuous xyxy pixels of the upright image
+    (:func:`~sppdet.imageio.load_image`). ``score_threshold``: report scores at or above it
+    (default :data:`DISPLAY_THRESHOLDS` of the detector's scorer). With ``out_image`` a PNG with
+    the boxes is written (:func:`drawing_paths`: to that path for one image, into that
     directory for several).
+
+    Args:
+        on_error: called with the path and the error of each image that cannot be read
+            (missing, a directory, unreadable or corrupt), which is then left out of the
+            results; without it the first such error is raised.
+
+    Raises:
+        DataError: an image cannot be read and ``on_error`` is None.
     """
+    paths = [Path(p) for p in paths]
     if score_threshold is None:
         score_threshold = DISPLAY_THRESHOLDS[detector.config.scorer]
+    drawings = drawing_paths(paths, out_image) if out_image is not None else [None] * len(paths)
     results = []
-    for path in paths:
-        image = load_image(path)
+    for path, drawing in zip(paths, drawings, strict=True):
+        try:
+            image = load_image(path)
+        except DataError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+            continue
         dets = detector.detect(image)
         keep = dets.scores >= score_threshold
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
-        if out_image is not None:
-            target = Path(out_image)
-            if len(paths) > 1 or target.is_dir():
-                target = target / f"{path.stem}_det.png"
-            draw_detections(image, boxes, labels, scores, detector.classes, target)
+        if drawing is not None:
+            draw_detections(image, boxes, labels, scores, detector.classes, drawing)
         results.append(
             {
                 "image": str(path),

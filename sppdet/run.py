@@ -34,6 +34,7 @@ from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.finetune import FinetuneConfig, load_trunk_top
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
+from sppdet.run_paths import absolute_paths, is_path, stored_path
 from sppdet.storage import (
     atomic_create_text,
     atomic_write_text,
@@ -174,19 +175,23 @@ class Run:
         """
         root = Path(root)
         path = root / CONFIG_FILE
+        config = absolute_paths(config)
         if not path.exists() and atomic_create_text(path, _config_text(config)):
             return cls(root, config)
         old = cls.open(root).config
+        # Paths compare resolved: a run made before paths were stored absolute holds them as
+        # typed, relative to the working directory (as they are read).
+        old_r, new_r = (absolute_paths(c, resolve=True) for c in (old, config))
         # Imported proposals do not depend on the selective-search settings: only the
         # import source matters, and the proposal store checks that itself.
-        imported = old.data.proposals is not None and old.data.proposals == config.data.proposals
+        imported = old_r.data.proposals is not None and old_r.data.proposals == new_r.data.proposals
         diffs = [
             line
             for sec in _CACHE_SECTIONS
             if not (sec == "proposals" and imported)
             for line in diff(
-                canonical(to_dict(getattr(old, sec))),
-                canonical(to_dict(getattr(config, sec))),
+                canonical(to_dict(getattr(old_r, sec))),
+                canonical(to_dict(getattr(new_r, sec))),
                 sec,
             )
         ]
@@ -248,6 +253,15 @@ class Run:
             )
         return cls(root, run_config(load_yaml(path), str(path)))
 
+    def stored_path(self, section: str, key: str) -> str | None:
+        """The path setting ``section.key`` (:data:`~sppdet.run_paths.PATH_SETTINGS`) as
+        stored, checked by :func:`~sppdet.run_paths.stored_path` (a relative path of a run made
+        before paths were stored absolute must exist from the working directory)."""
+        value = getattr(getattr(self.config, section), key)
+        if not is_path(section, key, value):
+            return value
+        return stored_path(value, f"{section}.{key}", self.root / CONFIG_FILE)
+
     def with_test(self, conv_dtype: str | None = None, **changes: Any) -> Run:
         """The same run with test-time settings changed (not written to disk).
 
@@ -291,22 +305,24 @@ class Run:
 
     @cached_property
     def extractor(self) -> FeatureExtractor:
+        self.stored_path("features", "weights")
         return FeatureExtractor(self.config.features, self.device)
 
     def dataset(
         self, split: str | None = None, *, devkit: str | None = None, limit: int | None = None
     ) -> Dataset:
         d = self.config.data
-        root = devkit or d.devkit
+        root = devkit or self.stored_path("data", "devkit")
         if root is None:
             raise ConfigError("no devkit given: pass --devkit PATH")
         split = split or d.train_split
         lim = limit if limit is not None else (d.limit if split == d.train_split else None)
-        return load_voc(root, split, year=d.year, classes=d.classes, limit=lim)
+        classes = self.stored_path("data", "classes")
+        return load_voc(root, split, year=d.year, classes=classes, limit=lim)
 
     def proposals(self, dataset: Dataset, import_path: str | None = None) -> ProposalSet:
         """Proposals of ``dataset`` (imported from the run's file if one is configured)."""
-        path = import_path if import_path is not None else self.config.data.proposals
+        path = import_path if import_path is not None else self.stored_path("data", "proposals")
         return ensure_proposals(
             dataset,
             self.config.proposals,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes, load_coco, load_voc
 from sppdet.errors import ConfigError, DataError
+from sppdet.imageio import load_image
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -182,6 +183,48 @@ def test_missing_size_reads_the_image_header(tmp_path, caplog):
     assert "no valid <size>" in caplog.text and "a.xml" in caplog.text
 
 
+def _tag_orientation(path: Path, orientation: int) -> None:
+    """Re-save an image with an EXIF orientation tag (its stored pixels unchanged)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(path) as im:
+        im.load()
+    im.save(path, exif=exif)
+
+
+def test_exif_turned_image_needs_the_upright_size(tmp_path):
+    """Images are read upright: a turned image's annotation must give its upright size (its
+    boxes were drawn on that view); the stored size is refused, naming image and XML."""
+    box = [_object("cat", (1, 1, 8, 18))]
+    devkit = make_voc(tmp_path / "up", {"a": _xml(box, size=(10, 20)), "b": _xml(box, None)})
+    for image_id in ("a", "b"):
+        _tag_orientation(devkit / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", 6)
+    ds = load_voc(devkit, "train")
+    for r in ds:  # <size> given upright, or read from the header (upright too)
+        assert (r.width, r.height) == (10, 20)
+        assert load_image(r.path).shape == (20, 10, 3)
+        np.testing.assert_array_equal(r.boxes, [[0, 0, 8, 18]])  # not clipped to 20x10
+    devkit = make_voc(tmp_path / "stored", {"a": _xml(box, size=(20, 10))})
+    _tag_orientation(devkit / "VOC2007" / "JPEGImages" / "a.jpg", 8)
+    with pytest.raises(DataError, match=r"a\.xml gives .*a\.jpg the size 20x10") as info:
+        load_voc(devkit, "train")
+    assert "EXIF orientation 8" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_exif_flipped_images_are_read_upright_with_one_warning(tmp_path, caplog):
+    """A flip or 180-degree turn keeps the size, so which view was annotated cannot be told:
+    one warning for the dataset, naming the first image."""
+    devkit = make_voc(tmp_path, {i: _xml([_object("cat", (1, 1, 4, 4))]) for i in "abc"})
+    for image_id, orientation in (("b", 3), ("c", 2)):
+        _tag_orientation(devkit / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", orientation)
+    with caplog.at_level(logging.WARNING, logger="sppdet"):
+        ds = load_voc(devkit, "train")
+    assert [(r.width, r.height) for r in ds] == [(20, 10)] * 3
+    warnings = [r for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    assert len(warnings) == 1 and "2 image(s)" in warnings[0].getMessage()
+    assert "b.jpg" in warnings[0].getMessage()
+
+
 def test_dataset_and_record_invariants(tmp_path):
     with pytest.raises(ValueError):
         ImageRecord("x", tmp_path, 5, 5, np.zeros((2, 4)), np.zeros(1), np.zeros(2))
@@ -232,6 +275,13 @@ def test_load_coco(tmp_path, capsys):
     np.testing.assert_allclose(ds.record("42").boxes, [[25, 15, 30, 20]])  # clipped
     limited = load_coco(ann, images, limit=1, split="val")
     assert limited.name == "coco_val" and limited.image_ids == ("7",)
+
+
+def test_load_coco_refuses_the_stored_size_of_a_turned_image(tmp_path):
+    ann, images = _coco_tree(tmp_path)
+    _tag_orientation(images / "y.jpg", 6)  # stored 30x20, upright 20x30; the json says 30x20
+    with pytest.raises(DataError, match=r"instances_tiny\.json gives .*y\.jpg the size 30x20"):
+        load_coco(ann, images)
 
 
 def test_load_coco_errors(tmp_path):

@@ -112,3 +112,35 @@ def test_result_without_map_is_refused():
     del broken["map"]
     with pytest.raises(NotAReproductionError, match="lacks map"):
         compare_results([result("fc7", 0.40)], [broken])
+
+
+def test_results_record_run_paths_as_the_committed_results_do(tmp_path, monkeypatch):
+    """A run made now stores absolute paths; its results record them relative to the repository
+    root, as the committed ones do, so a rerun in a clone beside it is the same experiment."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from experiments import voc07
+    from sppdet.run import Run, build_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    config = root / "configs" / "voc07_d17_1scale.yaml"
+    run = Run.create(tmp_path / "run", build_config(config))
+    assert Path(run.config.data.devkit).is_absolute()
+    (tmp_path / "run" / "eval" / "val_fc7").mkdir(parents=True)
+    summary = {"variant": "val_fc7", "map": 0.5, "ap": {"cat": 0.5}, "images": 1, "commit": "c"}
+    (tmp_path / "run" / "eval" / "val_fc7" / "eval.json").write_text(
+        json.dumps({**summary, "seconds_per_image": {"total": 1.0}})
+    )
+    monkeypatch.setattr(voc07, "machine", lambda: {})
+    args = argparse.Namespace(
+        run=tmp_path / "run", results=tmp_path / "results", recipe=None, config=config, name="x"
+    )
+    voc07.write_results(args, {"train": {"seconds": 1.0, "peak_rss_gb": 1.0}})
+    written = json.loads((tmp_path / "results" / "x_fc7.json").read_text())
+    committed = json.loads((root / "results" / "voc07_d17_1scale_fc7.json").read_text())
+    assert written["config"]["data"] == committed["config"]["data"]
+    assert written["config"]["features"]["weights"] == committed["config"]["features"]["weights"]
+    assert written["weights"] == committed["weights"]

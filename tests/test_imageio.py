@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sppdet.errors import DataError
-from sppdet.imageio import image_size, load_image
+from sppdet.imageio import check_annotated_size, image_size, load_image, read_header
 
 
 def _check_rgb(arr: np.ndarray, height: int, width: int) -> None:
@@ -93,12 +93,82 @@ def test_float_image_is_rescaled_by_its_range(tmp_path):
     np.testing.assert_array_equal(load_image(tmp_path / "f.tif")[..., 0], [[0, 128, 255]])
 
 
-def test_exif_orientation_is_ignored(tmp_path):
+def _tagged(path, pixels: np.ndarray, orientation: int) -> None:
+    """Save ``pixels`` (stored as they are) with an EXIF orientation tag."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    Image.new("RGB", (20, 10), (0, 128, 0)).save(tmp_path / "e.jpg", exif=exif)
-    assert load_image(tmp_path / "e.jpg").shape == (10, 20, 3)  # the stored grid
-    assert image_size(tmp_path / "e.jpg") == (20, 10)
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+def _asymmetric(height: int = 6, width: int = 10) -> np.ndarray:
+    """Pixels that no flip or turn leaves unchanged."""
+    return np.random.default_rng(3).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+# Orientation -> what turns the stored array upright (EXIF 2.32 / exif_transpose's table).
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # "rotate 90 CW to display"
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # the anti-diagonal transpose
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    """A tagged (lossless) PNG is read upright: pixels as the viewer's table turns them, and
+    the size read from the header alone is that of the pixels read."""
+    stored = _asymmetric()
+    _tagged(tmp_path / "e.png", stored, orientation)
+    out = load_image(tmp_path / "e.png")
+    np.testing.assert_array_equal(out, UPRIGHT[orientation](stored))
+    with Image.open(tmp_path / "e.png") as im:  # Pillow's own reading of the tag agrees
+        np.testing.assert_array_equal(out, np.asarray(ImageOps.exif_transpose(im)))
+    assert image_size(tmp_path / "e.png") == (out.shape[1], out.shape[0])
+    header = read_header(tmp_path / "e.png")
+    assert header.stored_size == (10, 6) and header.orientation == orientation
+    assert header.turned == (orientation >= 5)
+
+
+def test_exif_turned_jpeg_is_read_upright(tmp_path):
+    """A phone-style JPEG: stored 20x10 landscape, tagged "rotate 90 CW": read 10 wide, 20 high,
+    the stored top-left corner at the top right."""
+    stored = np.zeros((10, 20, 3), dtype=np.uint8)
+    stored[:4, :4] = (255, 0, 0)
+    _tagged(tmp_path / "phone.jpg", stored, 6)
+    out = load_image(tmp_path / "phone.jpg")
+    _check_rgb(out, 20, 10)
+    assert out[:3, -3:, 0].min() > 200 and out[-3:, :3, 0].max() < 50
+    assert image_size(tmp_path / "phone.jpg") == (10, 20)
+
+
+def test_untagged_jpeg_decodes_as_pillow_does(tmp_path):
+    """No orientation tag (every VOC2007 JPEG): exactly Pillow's plain decode, as before."""
+    Image.fromarray(_asymmetric(16, 24)).save(tmp_path / "voc.jpg", quality=75)
+    with Image.open(tmp_path / "voc.jpg") as im:
+        plain = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(load_image(tmp_path / "voc.jpg"), plain)
+    assert read_header(tmp_path / "voc.jpg").orientation == 1
+
+
+def test_check_annotated_size(tmp_path):
+    """The stored size of a turned image is refused; the upright one is fine; a flip cannot be
+    told from its size."""
+    _tagged(tmp_path / "t.jpg", np.zeros((10, 20, 3), np.uint8), 6)
+    with pytest.raises(DataError, match="EXIF orientation 6") as info:
+        check_annotated_size(tmp_path / "t.jpg", (20, 10), "a.xml")
+    assert "t.jpg" in str(info.value) and "a.xml" in str(info.value)
+    assert check_annotated_size(tmp_path / "t.jpg", (10, 20), "a.xml") is False
+    _tagged(tmp_path / "f.jpg", np.zeros((10, 20, 3), np.uint8), 3)
+    assert check_annotated_size(tmp_path / "f.jpg", (20, 10), "a.xml") is True
+    Image.new("RGB", (20, 10)).save(tmp_path / "plain.jpg")
+    assert check_annotated_size(tmp_path / "plain.jpg", (20, 10), "a.xml") is False
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")  # reported when the pixels are read
+    assert check_annotated_size(tmp_path / "bad.jpg", (20, 10), "a.xml") is False
 
 
 def test_missing_file(tmp_path):
@@ -132,5 +202,7 @@ def test_non_image_file_is_an_error(tmp_path, content):
 
 
 def test_directory_is_not_an_image(tmp_path):
-    with pytest.raises(DataError, match="image not found"):
-        load_image(tmp_path)
+    for fn in (load_image, image_size, read_header):
+        with pytest.raises(DataError, match="is a directory") as info:
+            fn(tmp_path)
+        assert str(tmp_path) in str(info.value) and "not found" not in str(info.value)

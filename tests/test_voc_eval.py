@@ -316,9 +316,27 @@ def test_comp4_errors(tmp_path, caplog):
         read_comp4(tmp_path, "val", ["cat"], image_ids=ds.image_ids)
     kept = read_comp4(tmp_path, "val", ["cat"], image_ids=ds.image_ids, strict=False)["cat"]
     assert kept.image_ids.tolist() == ["000001"]
-    with caplog.at_level(logging.WARNING):
-        missing = read_comp4(tmp_path, "val", ["dog"])
+    with caplog.at_level(logging.WARNING):  # a class without its file: no detections
+        missing = read_comp4(tmp_path, "val", ["cat", "dog"])
     assert len(missing["dog"]) == 0 and "comp4_det_val_dog.txt" in caplog.text
+    assert len(missing["cat"]) == 2
+
+
+def test_comp4_dir_without_any_file_of_the_split_is_an_error(tmp_path):
+    """No file for any class is a mistake (wrong directory, split or classes), not mAP 0."""
+    with pytest.raises(DataError, match="holds no comp4 files") as info:
+        read_comp4(tmp_path, "val", ["cat", "dog"])
+    assert "comp4_det_val_cat.txt" in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "comp4_det_test_cat.txt").write_text("000001 0.9 1 1 50 50\n")
+    (tmp_path / "comp4_det_my_test_hot_dog.txt").write_text("")  # "_" in split and class
+    with pytest.raises(DataError, match=r"for split\(s\) my_test, test$"):
+        read_comp4(tmp_path, "val", ["cat", "hot_dog"])
+    with pytest.raises(DataError, match="name none of these classes"):
+        read_comp4(tmp_path, "val", ["bird"])
+    with pytest.raises(DataError, match="detections directory not found"):
+        read_comp4(tmp_path / "none", "val", ["cat"])
+    (tmp_path / "comp4_det_val_hot_dog.txt").write_text("")  # one empty file is enough
+    assert len(read_comp4(tmp_path, "val", ["cat", "hot_dog"])["cat"]) == 0
 
 
 def test_detections_concat_and_validation():
