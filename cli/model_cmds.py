@@ -68,7 +68,7 @@ def detect_command(
         open_run(run_dir, mode)
     elif mode is not None:
         raise click.UsageError("--mode checks a run: it needs --run")
-    test = {"scorer": scorer, **fast_test(kw, conv_default="auto")}
+    test = {"scorer": scorer, **fast_test(kw, conv_default="auto", fc_default="auto")}
     detector = detector_for(run_dir, model, device=device, test=test)
     failed = []
 

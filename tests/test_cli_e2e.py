@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -167,6 +168,38 @@ def test_detect_writes_json_and_png(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
         assert im.size == (96, 96)
+
+
+def test_detect_defaults_to_int8_fc_on_a_cpu_and_eval_to_the_runs(trained, tmp_path, monkeypatch):
+    """detect's fc default is auto (int8 on a CPU: the shipped model lost no mAP with it);
+    eval keeps the run's setting (here float32, as the VOC07 configs pin it) unless told."""
+    import sppdet.evaluate
+    import sppdet.predict
+
+    seen = {}
+    detector_for, evaluate_run = sppdet.predict.detector_for, sppdet.evaluate.evaluate_run
+
+    def spy_detect(run_dir, model, device, test):
+        seen["detect"] = test.get("fc_dtype")
+        return detector_for(run_dir, model, device=device, test=test)
+
+    def spy_eval(run, *args, **kwargs):
+        seen["eval"] = run.config.test.fc_dtype
+        return evaluate_run(run, *args, **kwargs)
+
+    monkeypatch.setattr(sppdet.predict, "detector_for", spy_detect)
+    monkeypatch.setattr(sppdet.evaluate, "evaluate_run", spy_eval)
+    data, run = trained["data"], tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["test"]["fc_dtype"] = "float32"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    image = next((data / "VOC2007" / "JPEGImages").iterdir())
+    invoke("detect", image, "--run", run)
+    invoke("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val", "--name", "fc")
+    assert seen == {"detect": "auto", "eval": "float32"}
+    invoke("detect", image, "--run", run, "--fc-dtype", "float32")
+    assert seen["detect"] == "float32"
 
 
 def test_extract_refuses_other_scales_and_repeats_as_a_no_op(trained):
