@@ -33,19 +33,23 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row", action="append", required=True, help="LABEL=RUN[,POOL5_RUN]")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--split",
+        default="val",
+        help="Evaluated split (RUN/eval/<split>_*; train: the rows on "
+        "the run's own training images, to see what generalises).",
+    )
     return p.parse_args()
 
 
-def row(label: str, runs: str) -> dict:
+def row(label: str, runs: str, split: str = "val") -> dict:
     run, _, pool5_run = runs.partition(",")
     run = Path(run)
     cfg = relative_paths(yaml.safe_load((run / "config.yaml").read_text()))  # as committed
     evals = {}
     for v in VARIANTS:
         src = Path(pool5_run) if (v == "pool5" and pool5_run) else run
-        path = src / "eval" / f"val_{v}" / "eval.json"
-        if not path.exists() and v == "pool5":
-            path = src / "eval" / "val_pool5" / "eval.json"
+        path = src / "eval" / f"{split}_{v}" / "eval.json"
         if path.exists():
             evals[v] = read_json(path)
     ft = run / "finetune" / "metrics.json"
@@ -79,9 +83,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     args = parse_args()
-    rows = [row(*spec.split("=", 1)) for spec in args.row]
+    rows = [row(*spec.split("=", 1), split=args.split) for spec in args.row]
     out = {
         "protocol": "VOC2007 first 300 train -> first 300 val, 1 scale (688)",
+        "split": args.split,
         "command": shlex.join(["python", "-m", "experiments.tap_study", *sys.argv[1:]]),
         "rows": rows,
         "machine": machine(),
