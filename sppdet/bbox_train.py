@@ -152,20 +152,24 @@ class _Reservoir:
     def __init__(
         self, cap: int, dim: int, dtype: np.dtype, spill_dir: str | os.PathLike | None = None
     ) -> None:
-        self.cap, self.dim, self.dtype = cap, dim, dtype
+        self.cap = cap
         self.x = (
             MemoryRows(dim, dtype, cap) if spill_dir is None else FileRows(dim, dtype, spill_dir)
         )
-        self.y = np.zeros((0, 4), np.float64)
-        self.n, self.seen = 0, 0
+        self.y = MemoryRows(4, np.dtype(np.float64), cap)  # the targets, small: in memory
+        self.seen = 0
+
+    @property
+    def n(self) -> int:
+        """Rows held."""
+        return len(self.x)
 
     def add(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
         take = min(len(x), self.cap - self.n)
         if take:
-            self._grow_y(self.n + take)
-            self.x.put(np.arange(self.n, self.n + take), x[:take])
-            self.y[self.n : self.n + take] = y[:take]
-            self.n += take
+            slots = np.arange(self.n, self.n + take)
+            self.x.put(slots, x[:take])
+            self.y.put(slots, y[:take])
         rest = np.arange(take, len(x))
         if len(rest):
             # row number t (0-based) of the stream replaces slot j ~ U{0..t} when j < cap
@@ -175,14 +179,8 @@ class _Reservoir:
             # later rows win a slot drawn twice, as in the sequential algorithm
             last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
             self.x.put(slots[last], x[src[last]])
-            self.y[slots[last]] = y[src[last]]
+            self.y.put(slots[last], y[src[last]])
         self.seen += len(x)
-
-    def _grow_y(self, need: int) -> None:
-        if need > len(self.y):
-            y = np.zeros((min(self.cap, max(need, 2 * len(self.y), 256)), 4), np.float64)
-            y[: self.n] = self.y[: self.n]
-            self.y = y
 
 
 class BBoxRegTrainer:

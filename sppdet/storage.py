@@ -99,10 +99,8 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Atomically write one array as ``.npy``."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    """Atomically write one array as ``.npy``, streamed to disk as :func:`atomic_save_npz`."""
+    _write_via_temp(path, lambda f: np.save(f, array, allow_pickle=False), exclusive=False)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -306,8 +306,9 @@ class SVMTrainer:
             trainer._trained_at = [int(i) for i in state["trained_at"]]
             trainer._stats = json.loads(str(state["stats"]))
             for c, cache in enumerate(trainer.caches):
+                prefix = f"c{c}/"  # the keys state() wrote for this class
                 cache.load_state(
-                    {k: state[f"c{c}/{k}"] for k in ("pos", "neg", "neg_scores", "counters")}
+                    {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
                 )
         except (KeyError, ValueError) as exc:
             raise DataError(f"not an SVM mining state: {exc}") from exc
