@@ -12,20 +12,11 @@ BIN=${BIN:-.venv/bin}
 DEVKIT=${DEVKIT:-../shared/data/VOCdevkit}
 LIMIT=${LIMIT:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+VARIANT=$(cd "$(dirname "$0")" && pwd)/variant.py  # by path: usable from another worktree
 for seed in "$@"; do
     run=${BASE}__seed$seed
-    if [ ! -f "$run/config.yaml" ]; then
-        rm -rf "$run.tmp" && mkdir -p "$run.tmp"
-        for d in proposals features bbox svm_pool5; do cp -al "$BASE/$d" "$run.tmp/$d"; done
-        "$BIN/python" - "$BASE/config.yaml" "$run.tmp/config.yaml" "$seed" <<'PY'
-import sys, yaml
-src, dst, seed = sys.argv[1:]
-cfg = yaml.safe_load(open(src))
-cfg["finetune"]["seed"] = int(seed)
-yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
-PY
-        mv "$run.tmp" "$run"
-    fi
+    "$BIN/python" "$VARIANT" "$BASE" "$run" \
+        --share proposals,features,bbox,svm_pool5 --set "finetune.seed=$seed"
     "$BIN/sppdet" train "$run" --quiet
     [ -f "$run.ablations.json" ] || "$BIN/sppdet" eval --voc2007 --run "$run" --devkit "$DEVKIT" \
         --split val --limit "$LIMIT" --ablations --json "$run.ablations.json"

@@ -12,23 +12,13 @@ BIN=${BIN:-.venv/bin}
 DEVKIT=${DEVKIT:-../shared/data/VOCdevkit}
 LIMIT=${LIMIT:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+VARIANT=$(cd "$(dirname "$0")" && pwd)/variant.py  # by path: usable from another worktree
 while [ $# -ge 2 ]; do
     name=$1 sets=$2; shift 2
     run=${BASE}__$name
-    if [ ! -f "$run/config.yaml" ]; then
-        rm -rf "$run.tmp" && mkdir -p "$run.tmp"
-        for d in proposals features finetune; do cp -al "$BASE/$d" "$run.tmp/$d"; done
-        "$BIN/python" - "$BASE/config.yaml" "$run.tmp/config.yaml" $sets <<'PY'
-import sys, yaml
-src, dst, *sets = sys.argv[1:]
-cfg = yaml.safe_load(open(src))
-for kv in sets:
-    key, value = kv.split("=", 1)
-    cfg["svm"][key] = yaml.safe_load(value)
-yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
-PY
-        mv "$run.tmp" "$run"
-    fi
+    args=(); for kv in $sets; do args+=(--set "svm.$kv"); done
+    "$BIN/python" "$VARIANT" "$BASE" "$run" --share proposals,features,finetune \
+        "${args[@]}"
     "$BIN/sppdet" train-svm "$run" --layer fc7 --quiet
     [ -f "$run/fc7.json" ] || "$BIN/sppdet" eval --voc2007 --run "$run" --devkit "$DEVKIT" \
         --split val --limit "$LIMIT" --scorer svm --layer fc7 --no-bbox-reg --name val_fc7 \
