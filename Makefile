@@ -56,7 +56,7 @@ voc07-d17-1scale: $(STAMP)
 	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_1scale.yaml --run runs/voc07_d17_1s --name voc07_d17_1scale --recipe mnv2_d17_frozen --pool5-retrain-growth 0.5
 
 voc07-d17-5scale: $(STAMP)
-	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_5scale.yaml --run runs/voc07_d17_5s --name voc07_d17_5scale --recipe mnv2_d17_frozen --pool5-retrain-growth 0.5
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_5scale.yaml --run runs/voc07_d17_5s --name voc07_d17_5scale --recipe mnv2_d17_frozen --val-maps compute --no-pool5
 
 # 300 -> 300 comparison of SPP taps with and without conv fine-tuning: results/tap_study_voc300.json.
 tap-study: $(STAMP)

@@ -54,6 +54,13 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list file.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Write pr_curves.png here.")
+@click.option(
+    "--no-cache",
+    "no_cache",
+    is_flag=True,
+    help="With --run / --model: compute the split's conv maps from the pixels, reading and "
+    "storing none (for a disk that cannot hold them; the timings then include conv).",
+)
 @fast_options
 def command(
     voc2007,
@@ -74,6 +81,7 @@ def command(
     classes,
     limit,
     plots,
+    no_cache,
     **speed,
 ):
     """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored)."""
@@ -89,14 +97,18 @@ def command(
         raise click.UsageError("give exactly one of --detections DIR, --run RUN_DIR, --model FILE")
     if fast_path and not (detections is None and ablations):
         raise click.UsageError("--fast-path needs --run (or --model) and --ablations")
+    if no_cache and detections is not None:
+        raise click.UsageError("--no-cache needs --run or --model (comp4 files have no maps)")
     if detections is None:
         run, source = open_run_or_model(run_dir, model, out_dir, devkit)
         test = fast_test(speed)
         if ablations:
-            _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path)
+            _eval_ablations(
+                run, source, devkit, split, limit, json_out, test, fast_path, not no_cache
+            )
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
-        _eval_run(run, source, devkit, split, limit, test, name, json_out)
+        _eval_run(run, source, devkit, split, limit, test, name, json_out, not no_cache)
         return
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
@@ -125,7 +137,7 @@ def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
     return model_run(source, root, devkit=devkit), source
 
 
-def _eval_run(run, source, devkit, split, limit, test, name, json_out):
+def _eval_run(run, source, devkit, split, limit, test, name, json_out, cache_maps):
     from sppdet.evaluate import evaluate_run
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
@@ -133,7 +145,13 @@ def _eval_run(run, source, devkit, split, limit, test, name, json_out):
 
     run, source = with_test(run, source, test)
     result, summary = evaluate_run(
-        run, split, devkit=str(devkit), limit=limit, out_name=name, source=source
+        run,
+        split,
+        devkit=str(devkit),
+        limit=limit,
+        out_name=name,
+        source=source,
+        cache_maps=cache_maps,
     )
     click.echo(format_ap_table(result))
     t = summary["seconds_per_image"]
@@ -142,7 +160,7 @@ def _eval_run(run, source, devkit, split, limit, test, name, json_out):
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path):
+def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path, cache_maps):
     from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
@@ -153,7 +171,7 @@ def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path
     found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}
     variants = {f"{split}_{k}": v for k, v in found.items()}
     results = evaluate_variants(
-        run, split, variants, devkit=str(devkit), limit=limit, source=source
+        run, split, variants, devkit=str(devkit), limit=limit, source=source, cache_maps=cache_maps
     )
     rows = []
     for name, (result, summary) in results.items():

@@ -75,6 +75,19 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="train-svm --retrain-growth for the pool5 SVMs (default: the config's).",
     )
+    p.add_argument(
+        "--val-maps",
+        choices=("cache", "compute"),
+        default="cache",
+        help="cache: `extract` the val maps beside training; compute: `eval --no-cache` "
+        "computes them from the pixels and stores none (5-scale maps of a 320-channel tap take "
+        "~28 GB per split).",
+    )
+    p.add_argument(
+        "--no-pool5",
+        action="store_true",
+        help="Skip the pool5 SVMs (hours for 16,000-d vectors; the pool5 row is then absent).",
+    )
     return p.parse_args()
 
 
@@ -93,14 +106,15 @@ def main() -> int:
         "extract_train", [sppdet, "extract", "--split", "train", *ext, *lim_t], rec
     )
     train = [Stage("train", [sppdet, "train", run, "--quiet"], rec)]
-    beside = [
-        Stage("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v], rec),
-        Stage(
-            "train_svm_pool5",
-            [sppdet, "train-svm", run, "--layer", "pool5", "--quiet", *growth],
-            rec,
-        ),
-    ]
+    beside = []
+    if args.val_maps == "cache":
+        beside.append(
+            Stage("extract_val", [sppdet, "extract", "--split", "val", *ext, *lim_v], rec)
+        )
+    if not args.no_pool5:
+        pool5 = [sppdet, "train-svm", run, "--layer", "pool5", "--quiet", *growth]
+        beside.append(Stage("train_svm_pool5", pool5, rec))
+    no_cache = ["--no-cache"] if args.val_maps == "compute" else []
     evaluate = Stage(
         "eval",
         [sppdet, "eval", "--voc2007", "--run", run, "--devkit", devkit, "--split", "val",
@@ -108,7 +122,7 @@ def main() -> int:
          # the results rows are the exact float32 fc path (the CPU default is int8, whose mAP
          # cost is measured apart: docs/fast_path.md); the run itself keeps the default, so
          # `sppdet bench --run RUN` times what users get
-         "--fc-dtype", "float32"],
+         "--fc-dtype", "float32", *no_cache],
         rec,
     )  # fmt: skip
     if args.write_results:

@@ -115,6 +115,7 @@ def evaluate_run(
     out_name: str | None = None,
     progress: bool = True,
     source=None,
+    cache_maps: bool = True,
 ) -> tuple[EvalResult, dict]:
     """Detect over ``split`` with the run's test config; see :func:`evaluate_variants`."""
     name = out_name or split
@@ -126,6 +127,7 @@ def evaluate_run(
         limit=limit,
         progress=progress,
         source=source,
+        cache_maps=cache_maps,
     )
     return results[name]
 
@@ -139,6 +141,7 @@ def evaluate_variants(
     limit: int | None = None,
     progress: bool = True,
     source=None,
+    cache_maps: bool = True,
 ) -> dict[str, tuple[EvalResult, dict]]:
     """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
 
@@ -146,7 +149,9 @@ def evaluate_variants(
     seconds per stage count the shared values it used, as if it had run alone.
     Outputs go to ``RUN/eval/<name>/`` per variant. Conv maps come from the split's cache when
     feature caching is on (computed and stored otherwise); the conv timing is then the cache load
-    time, so ``sppdet bench`` measures conv time separately.
+    time, so ``sppdet bench`` measures conv time separately. ``cache_maps=False`` reads and
+    stores no map of the split (every map computed from the pixels, conv time included): for
+    disks that cannot hold them (5-scale maps of a 320-channel tap: about 11 MB per image).
 
     ``source``: where the trained parts come from (default: ``run`` itself; a
     :class:`~sppdet.model_file.ModelFile` with the run of :func:`~sppdet.model_file.model_run`).
@@ -154,7 +159,7 @@ def evaluate_variants(
     ds = run.dataset(split, devkit=devkit, limit=limit)
     detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
     props = run.proposals(ds)
-    provider = run.provider(split)
+    provider = run.provider(split, cache=cache_maps)
     per_class = {name: defaultdict(list) for name in variants}
     timers = {name: StageTimer(run.device) for name in variants}
     t_start = time.perf_counter()
@@ -165,10 +170,12 @@ def evaluate_variants(
         for name, d in dets.items():
             _collect(per_class[name], rec.image_id, d)
     wall = time.perf_counter() - t_start
+    # where conv maps came from: what the "conv" seconds per image measure
+    maps = "cache" if cache_maps and run.config.features.cache else "computed"
     return {
         # the detector's config: "auto" fc dtype resolved to what ran
         name: _finish(
-            run, ds, split, name, detectors[name].config, per_class[name], timers[name], wall
+            run, ds, split, name, detectors[name].config, per_class[name], timers[name], wall, maps
         )
         for name in variants
     }
@@ -277,7 +284,7 @@ def _collect(per_class: dict, image_id: str, dets) -> None:
         )
 
 
-def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall) -> tuple:
+def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall, maps) -> tuple:
     dets_by_name = {
         c: ClassDetections.concat(per_class.get(k, [])) for k, c in enumerate(ds.classes)
     }
@@ -297,6 +304,7 @@ def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall) -> t
         "bbox_reg": test.bbox_reg,
         "fc_dtype": test.fc_dtype,
         "conv_dtype": run.config.features.conv_dtype,
+        "conv_maps": maps,
         "seconds_per_image": timing,
         "wall_seconds": wall,
         "commit": git_commit(),

@@ -348,14 +348,16 @@ class Run:
             return self.extractor
         return self.extractor.with_top(state, "finetuned:sha256:" + file_sha256(path))
 
-    def provider(self, split: str, *, tuned: bool = False) -> WindowFeatures:
+    def provider(self, split: str, *, tuned: bool = False, cache: bool = True) -> WindowFeatures:
         """Window features of ``split`` (:func:`~sppdet.window_features.window_features`:
         cached conv maps in SPP mode, warped crops in R-CNN mode).
 
         ``tuned``: with the fine-tuned top conv blocks (:attr:`tuned_extractor`); the cache
-        holds the frozen maps below them either way.
+        holds the frozen maps below them either way. ``cache=False``: read and store nothing,
+        compute from the pixels (as with ``features.cache: false``, for this split only).
         """
-        root = self.root / "features" / split if self.config.features.cache else None
+        use_cache = cache and self.config.features.cache
+        root = self.root / "features" / split if use_cache else None
         tuned_ext = self.tuned_extractor if tuned else None
         return window_features(self.extractor, self.config.spp, root, tuned=tuned_ext)
 

@@ -137,6 +137,30 @@ def test_eval_of_the_run_and_of_its_comp4_files_agree(trained):
     assert r2["ap"] == pytest.approx(r1["ap"], abs=1e-9)
 
 
+def test_eval_no_cache_stores_no_map_and_detects_the_same(trained, tmp_path):
+    data, run = trained["data"], trained["run"]
+    copy = tmp_path / "run"  # a run without val maps: --no-cache must not write any
+    shutil.copytree(run, copy, ignore=lambda d, names: ["val"] if d.endswith("features") else [])
+    args = ("eval", "--voc2007", "--run", copy, "--devkit", data, "--split", "val")
+    invoke(*args, "--no-cache", "--name", "computed")
+    assert not list((copy / "features").glob("val/**/*.npy"))
+    invoke(*args, "--name", "cached")  # computes and stores the maps
+    assert list((copy / "features").glob("val/**/*.npy"))
+    one, two = (
+        json.loads((copy / "eval" / n / "eval.json").read_text()) for n in ("computed", "cached")
+    )
+    assert (one["conv_maps"], two["conv_maps"]) == ("computed", "cache")
+    assert one["map"] == two["map"]
+    for c in trained["classes"]:
+        name = f"comp4_det_val_{c}.txt"
+        assert (copy / "eval/computed" / name).read_bytes() == (
+            copy / "eval/cached" / name
+        ).read_bytes()
+    dets = ("--detections", copy / "eval/cached", "--no-cache")
+    result = CliRunner().invoke(cli, [str(a) for a in (*args[:2], *args[4:], *dets)])
+    assert result.exit_code == 2 and "--no-cache needs --run" in result.output
+
+
 def test_detect_writes_json_and_png(trained):
     data, run, root, classes = trained["data"], trained["run"], trained["root"], trained["classes"]
     first = (data / "VOC2007/ImageSets/Main/val.txt").read_text().split()[0]
