@@ -78,13 +78,20 @@ def run_stage(stage: Stage, *, threads: int | None = None) -> float:
             "seconds": prev["seconds"] + seconds,
             "peak_rss_gb": max(prev["peak_rss_gb"], usage.ru_maxrss / 2**20),  # KiB on Linux
             "command": shlex.join(argv),
-            "threads": threads or "all",
+            "threads": threads or _env_threads(),
         }
         stage.record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stage.record, record)
     if stage.then is not None:
         stage.then()
     return seconds
+
+
+def _env_threads() -> int | str:
+    """The thread cap set for the whole experiment (``OMP_NUM_THREADS=1`` beside other jobs),
+    or "all"."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return int(cap) if cap.isdigit() else "all"
 
 
 def run_lanes(lanes: Sequence[Sequence[Stage]]) -> None:

@@ -73,3 +73,10 @@ def test_one_lane_runs_in_order_with_every_thread(tmp_path: Path, monkeypatch) -
     run_lanes([[Stage(n, _py(code.format(str(log), n)), rec) for n in "xyz"]])
     assert log.read_text() == "x-y-z-"
     assert {v["threads"] for v in read_record(rec).values()} == {"all"}
+
+
+def test_a_thread_cap_of_the_whole_experiment_is_recorded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rec = tmp_path / "stages.json"
+    run_lanes([[Stage("x", _py("pass"), rec)]])
+    assert read_record(rec)["x"]["threads"] == 1
