@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +40,7 @@ from sppdet import boxes as B
 from sppdet import storage as S
 from sppdet.errors import CacheMismatchError, DataError
 from sppdet.proposals import ProposalConfig, backend_version, propose
+from sppdet.workers import run_in_workers
 
 __all__ = ["ProposalSet", "load_proposal_set", "save_proposal_set", "ensure_proposals"]
 __all__ += ["compute_proposals", "import_proposals"]
@@ -320,10 +319,9 @@ def _run_tasks(tasks: list, workers: int, progress: bool, desc: str) -> None:
             finally:
                 cv2.setNumThreads(threads)  # _compute_chunk set 1; give the caller its own back
             return
-        # spawn: workers start clean, without threads or locks inherited from torch or the caller
-        with ProcessPoolExecutor(min(workers, len(tasks)), mp.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_compute_chunk, t) for t in tasks]):
-                bar.update(future.result())
+        # workers that die with this process, whatever kills it (sppdet.workers)
+        for future in run_in_workers(_compute_chunk, tasks, min(workers, len(tasks))):
+            bar.update(future.result())
 
 
 def _compute_chunk(task: tuple) -> int:
