@@ -8,6 +8,7 @@ suppresses its own candidates. The trained parts and the detectors come from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -30,6 +31,7 @@ from sppdet.detect import (
 )
 from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
+from sppdet.locks import writing
 from sppdet.model import RunParts, load_detector, load_detectors, needed_parts
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
@@ -156,6 +158,13 @@ def evaluate_variants(
     ``source``: where the trained parts come from (default: ``run`` itself; a
     :class:`~sppdet.model_file.ModelFile` with the run of :func:`~sppdet.model_file.model_run`).
     """
+    with contextlib.ExitStack() as stack:
+        for name in variants:  # one writer of each RUN/eval/<name>
+            stack.enter_context(writing(run.root, f"eval-{name}"))
+        return _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps)
+
+
+def _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps) -> dict:
     ds = run.dataset(split, devkit=devkit, limit=limit)
     detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
     props = run.proposals(ds)

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from sppdet.imageio import load_image
+from sppdet.locks import writing
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, read_json
 
@@ -51,6 +52,13 @@ def extract(
         log.info("feature caching is off: later stages compute window features on the fly")
         return summary
 
+    with writing(run.root, f"features-{split}"):  # one extraction of a split at a time
+        return _store_maps(run, dataset, proposals, summary, progress)
+
+
+def _store_maps(run: Run, dataset, proposals, summary: dict, progress: bool) -> dict:
+    """Compute and cache the maps (R-CNN mode: window vectors) that the split lacks."""
+    split = dataset.split
     provider = run.provider(split)
     assert provider.cache is not None
     summary["stored"] = provider.STORED

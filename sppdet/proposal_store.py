@@ -39,6 +39,7 @@ from tqdm import tqdm
 from sppdet import boxes as B
 from sppdet import storage as S
 from sppdet.errors import CacheMismatchError, DataError
+from sppdet.locks import writing
 from sppdet.proposals import ProposalConfig, backend_version, propose
 from sppdet.workers import run_in_workers
 
@@ -201,22 +202,35 @@ def ensure_proposals(
     """
     path = store_path(run_dir, dataset.split)
     want = _import_settings(dataset, import_path) if import_path else _settings(dataset, config)
-    if path.is_file():
-        pset = load_proposal_set(path)
-        if import_path or pset.config.get("kind") != "import":
-            _check_same(path, pset.config, want)
-        missing = [i for i in dataset.image_ids if i not in pset]
-        if not missing:
-            log.info("reusing proposals %s (%d images, %s)", path, len(pset), pset.config["kind"])
+    if (pset := _reusable(path, dataset, want, import_path)) is not None:
+        return pset
+    with writing(run_dir, f"proposals-{dataset.split}"):
+        # another command may have finished them between the look above and the lock
+        if (pset := _reusable(path, dataset, want, import_path)) is not None:
             return pset
-        if not import_path:
-            raise CacheMismatchError(
-                f"{path} lacks {len(missing)} image(s) of {dataset.name} (e.g. "
-                f"{', '.join(missing[:3])}); delete it or use another run directory"
-            )
-    if import_path:  # also when a store of the same file lacks images: importing is exact
-        return import_proposals(dataset, import_path, path, settings=want)
-    return compute_proposals(dataset, config, path, workers=workers, progress=progress)
+        if import_path:  # also when a store of the same file lacks images: importing is exact
+            return import_proposals(dataset, import_path, path, settings=want)
+        return compute_proposals(dataset, config, path, workers=workers, progress=progress)
+
+
+def _reusable(path: Path, dataset, want: dict, import_path) -> ProposalSet | None:
+    """The finished store at ``path`` if it serves ``dataset`` as asked; None if it must be
+    (re)imported or computed; raises when it was made otherwise."""
+    if not path.is_file():
+        return None
+    pset = load_proposal_set(path)
+    if import_path or pset.config.get("kind") != "import":
+        _check_same(path, pset.config, want)
+    missing = [i for i in dataset.image_ids if i not in pset]
+    if not missing:
+        log.info("reusing proposals %s (%d images, %s)", path, len(pset), pset.config["kind"])
+        return pset
+    if not import_path:
+        raise CacheMismatchError(
+            f"{path} lacks {len(missing)} image(s) of {dataset.name} (e.g. "
+            f"{', '.join(missing[:3])}); delete it or use another run directory"
+        )
+    return None
 
 
 def _settings(dataset, config: ProposalConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from sppdet.configutil import to_dict
 from sppdet.errors import DataError, SppdetError
 from sppdet.finetune import LAYERS, FCHead, finetune, load_head
 from sppdet.imageio import load_image
+from sppdet.locks import writing
 from sppdet.run import Run
 from sppdet.storage import (
     atomic_save_npz,
@@ -88,6 +89,11 @@ def _tuned_trunk(run: Run) -> bool:
 
 def run_finetune(run: Run, *, progress: bool = True) -> dict:
     """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
+    with writing(run.root, "finetune"):
+        return _run_finetune(run, progress)
+
+
+def _run_finetune(run: Run, progress: bool) -> dict:
     out = run.path("finetune")
     if (done := _done(run, out, "finetune", "model.pt", "metrics.json", bound=False)) is not None:
         return done
@@ -175,6 +181,11 @@ def run_train_svm(
     ``checkpoint_seconds``; a rerun resumes from it (the same SVMs as an uninterrupted run)."""
     if layer not in LAYERS:
         raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
+    with writing(run.root, f"svm_{layer}"):
+        return _run_train_svm(run, layer, progress, checkpoint_seconds)
+
+
+def _run_train_svm(run: Run, layer: str, progress: bool, checkpoint_seconds: float) -> dict:
     out = run.path(f"svm_{layer}")
     finetuned = layer != "pool5"  # fc SVMs are only valid for the fc weights they saw
     if (done := _done(run, out, "svm", "svm.npz", "stats.json", bound=finetuned)) is not None:
@@ -280,6 +291,11 @@ def _positive_windows(rec, props, cfg, num_classes: int) -> tuple[np.ndarray, np
 
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
     """Per-class ridge regressors from SPP (pool5) vectors to R-CNN deltas (SPEC section 7)."""
+    with writing(run.root, "bbox"):
+        return _run_train_bbox(run, progress)
+
+
+def _run_train_bbox(run: Run, progress: bool) -> dict:
     out = run.path("bbox")
     tuned = _tuned_trunk(run)  # pool5 of a fine-tuned trunk: valid for its conv weights only
     if (done := _done(run, out, "bbox", "bbox.npz", "stats.json", bound=tuned)) is not None:
