@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sppdet import boxes as B
 from sppdet.errors import ConfigError, DataError
-from sppdet.imageio import check_annotated_size, image_size, warn_unsure_orientations
+from sppdet.imageio import SizeNotes, annotated_size, image_size
 
 __all__ = [
     "VOC_CLASSES",
@@ -204,12 +204,12 @@ def load_voc(
         ids = ids[:limit]
     index = {name: i for i, name in enumerate(class_names)}
     name = f"voc{year}_{split}"
-    unsure: list[Path] = []
+    notes = SizeNotes()
     records = [
-        _voc_record(root, image_id, index, unsure)
+        _voc_record(root, image_id, index, notes)
         for image_id in tqdm(ids, desc=f"load {name}", unit="img", disable=len(ids) < _PROGRESS_MIN)
     ]
-    warn_unsure_orientations(name, unsure)
+    notes.warn(name)
     return Dataset(name=name, classes=class_names, records=tuple(records), root=root, split=split)
 
 
@@ -260,11 +260,9 @@ def _read_split(root: Path, split: str, classes: tuple[str, ...]) -> list[str]:
     return ids
 
 
-def _voc_record(
-    root: Path, image_id: str, index: dict[str, int], unsure: list[Path]
-) -> ImageRecord:
+def _voc_record(root: Path, image_id: str, index: dict[str, int], notes: SizeNotes) -> ImageRecord:
     """Parse ``Annotations/<image_id>.xml`` into a record (image existence and orientation
-    checked too; ``unsure`` collects images whose annotated view the size cannot tell)."""
+    checked too; ``notes`` collects sizes the annotation gets wrong or cannot tell)."""
     xml_path = root / "Annotations" / f"{image_id}.xml"
     image_path = root / "JPEGImages" / f"{image_id}.jpg"
     if not os.path.exists(xml_path):
@@ -275,9 +273,9 @@ def _voc_record(
         tree = ET.parse(xml_path).getroot()
     except ET.ParseError as exc:
         raise DataError(f"cannot parse annotation {xml_path}: {exc}") from exc
-    width, height = _voc_size(tree, xml_path, image_path)
-    if check_annotated_size(image_path, (width, height), xml_path):
-        unsure.append(image_path)
+    width, height = annotated_size(
+        image_path, _voc_size(tree, xml_path, image_path), xml_path, notes
+    )
     raw, labels, difficult = _voc_objects(tree, xml_path, index)
     boxes, keep = _clean_boxes(B.from_voc(raw), width, height, xml_path)
     return ImageRecord(image_id, image_path, width, height, boxes, labels[keep], difficult[keep])
@@ -376,12 +374,12 @@ def load_coco(
             raise ConfigError(f"limit must be at least 1, got {limit}")
         image_ids = image_ids[:limit]
     split = split or ann_path.stem
-    unsure: list[Path] = []
+    notes = SizeNotes()
     records = [
-        _coco_record(coco, i, image_dir, label_of, ann_path, unsure)
+        _coco_record(coco, i, image_dir, label_of, ann_path, notes)
         for i in tqdm(image_ids, desc=f"load coco_{split}", disable=len(image_ids) < _PROGRESS_MIN)
     ]
-    warn_unsure_orientations(f"coco_{split}", unsure)
+    notes.warn(f"coco_{split}")
     return Dataset(f"coco_{split}", classes, tuple(records), image_dir, split, ann_path)
 
 
@@ -401,16 +399,15 @@ def _open_coco(path: Path):
 
 
 def _coco_record(
-    coco, coco_id: int, image_dir: Path, label_of: dict[int, int], source: Path, unsure: list
+    coco, coco_id: int, image_dir: Path, label_of: dict[int, int], source: Path, notes: SizeNotes
 ):
-    """One :class:`ImageRecord` from the COCO index (``unsure``: as in :func:`_voc_record`)."""
+    """One :class:`ImageRecord` from the COCO index (``notes``: as in :func:`_voc_record`)."""
     info = coco.imgs[coco_id]
     image_path = image_dir / info["file_name"]
     if not os.path.exists(image_path):
         raise DataError(f"image not found: {image_path} (image id {coco_id} in {source})")
-    width, height = int(info["width"]), int(info["height"])
-    if check_annotated_size(image_path, (width, height), source):
-        unsure.append(image_path)
+    size = (int(info["width"]), int(info["height"]))
+    width, height = annotated_size(image_path, size, source, notes)
     anns = coco.imgToAnns.get(coco_id, [])
     raw = B.from_xywh(np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4))
     labels = np.asarray([label_of[a["category_id"]] for a in anns], dtype=np.int64)

@@ -168,7 +168,7 @@ def _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps)
     ds = run.dataset(split, devkit=devkit, limit=limit)
     detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
     props = run.proposals(ds)
-    provider = run.provider(split, cache=cache_maps)
+    provider = run.provider(ds, cache=cache_maps)
     per_class = {name: defaultdict(list) for name in variants}
     timers = {name: StageTimer(run.device) for name in variants}
     t_start = time.perf_counter()

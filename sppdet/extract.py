@@ -59,7 +59,7 @@ def extract(
 def _store_maps(run: Run, dataset, proposals, summary: dict, progress: bool) -> dict:
     """Compute and cache the maps (R-CNN mode: window vectors) that the split lacks."""
     split = dataset.split
-    provider = run.provider(split)
+    provider = run.provider(dataset)
     assert provider.cache is not None
     summary["stored"] = provider.STORED
     todo = [r for r in dataset if not provider.cached(r.image_id)]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +203,52 @@ def warn_unsure_orientations(dataset: str, paths: list[Path]) -> None:
             len(paths),
             paths[0],
         )
+
+
+@dataclass
+class SizeNotes:
+    """What the annotated sizes of a dataset's images left unsure or got wrong: one warning
+    each for the whole dataset (:meth:`warn`), not one per image."""
+
+    unsure: list[Path] = field(default_factory=list)  # orientation the size cannot tell
+    differing: list[tuple[Path, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+
+    def warn(self, dataset: str) -> None:
+        warn_unsure_orientations(dataset, self.unsure)
+        if self.differing:
+            source, (aw, ah), (w, h) = self.differing[0]
+            log.warning(
+                "%s: %d annotation(s) give a size that is not their image's (first: %s says "
+                "%dx%d, the image is %dx%d); sppdet uses the image's own size for all geometry",
+                dataset,
+                len(self.differing),
+                source,
+                aw,
+                ah,
+                w,
+                h,
+            )
+
+
+def annotated_size(
+    path: str | os.PathLike, size: tuple[int, int], source: str | os.PathLike, notes: SizeNotes
+) -> tuple[int, int]:
+    """The ``(width, height)`` that geometry uses for an annotated image: the decoded (upright)
+    image's, whatever the annotation says. The annotation is checked as in
+    :func:`check_annotated_size`; a size that disagrees is noted in ``notes`` (a conv map
+    computed from the pixels has the pixels' shape, and windows mapped with another size would
+    land elsewhere). An unreadable header leaves the annotated size: :func:`load_image` reports
+    the file when its pixels are read.
+    """
+    if check_annotated_size(path, size, source):
+        notes.unsure.append(Path(path))
+    try:
+        actual = image_size(path)
+    except DataError:
+        return (int(size[0]), int(size[1]))
+    if actual != tuple(size):
+        notes.differing.append((Path(source), (int(size[0]), int(size[1])), actual))
+    return actual
 
 
 def _checked(path: str | os.PathLike) -> Path:

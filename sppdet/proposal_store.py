@@ -39,6 +39,7 @@ from tqdm import tqdm
 from sppdet import boxes as B
 from sppdet import storage as S
 from sppdet.errors import CacheMismatchError, DataError
+from sppdet.image_identity import INDEX_FILE, ImageIndex
 from sppdet.locks import writing
 from sppdet.proposals import ProposalConfig, backend_version, propose
 from sppdet.workers import run_in_workers
@@ -202,15 +203,21 @@ def ensure_proposals(
     """
     path = store_path(run_dir, dataset.split)
     want = _import_settings(dataset, import_path) if import_path else _settings(dataset, config)
+    index = ImageIndex(path.parent / f"{dataset.split}.{INDEX_FILE}", f"proposals in {path}")
+    images = [(r.image_id, r.path) for r in dataset]
     if (pset := _reusable(path, dataset, want, import_path)) is not None:
+        index.verify(images)
         return pset
     with writing(run_dir, f"proposals-{dataset.split}"):
         # another command may have finished them between the look above and the lock
-        if (pset := _reusable(path, dataset, want, import_path)) is not None:
-            return pset
-        if import_path:  # also when a store of the same file lacks images: importing is exact
-            return import_proposals(dataset, import_path, path, settings=want)
-        return compute_proposals(dataset, config, path, workers=workers, progress=progress)
+        if (pset := _reusable(path, dataset, want, import_path)) is None:
+            index.path.unlink(missing_ok=True)  # a new store: forget an old one's images
+            if import_path:  # also when a store of the same file lacks images: exact anyway
+                pset = import_proposals(dataset, import_path, path, settings=want)
+            else:
+                pset = compute_proposals(dataset, config, path, workers=workers, progress=progress)
+        index.verify(images)
+        return pset
 
 
 def _reusable(path: Path, dataset, want: dict, import_path) -> ProposalSet | None:

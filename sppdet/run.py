@@ -32,6 +32,7 @@ from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.finetune import FinetuneConfig, load_trunk_top
+from sppdet.image_identity import INDEX_FILE, ImageIndex
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
 from sppdet.run_paths import absolute_paths, is_path, stored_path
@@ -348,18 +349,26 @@ class Run:
             return self.extractor
         return self.extractor.with_top(state, "finetuned:sha256:" + file_sha256(path))
 
-    def provider(self, split: str, *, tuned: bool = False, cache: bool = True) -> WindowFeatures:
-        """Window features of ``split`` (:func:`~sppdet.window_features.window_features`:
+    def provider(
+        self, dataset: Dataset, *, tuned: bool = False, cache: bool = True
+    ) -> WindowFeatures:
+        """Window features of ``dataset``'s split (:func:`~sppdet.window_features.window_features`:
         cached conv maps in SPP mode, warped crops in R-CNN mode).
 
         ``tuned``: with the fine-tuned top conv blocks (:attr:`tuned_extractor`); the cache
         holds the frozen maps below them either way. ``cache=False``: read and store nothing,
-        compute from the pixels (as with ``features.cache: false``, for this split only).
+        compute from the pixels (as with ``features.cache: false``, for this split only). A
+        cache is checked against the image files of ``dataset``
+        (:class:`~sppdet.image_identity.ImageIndex`).
         """
         use_cache = cache and self.config.features.cache
-        root = self.root / "features" / split if use_cache else None
+        root = self.root / "features" / dataset.split if use_cache else None
         tuned_ext = self.tuned_extractor if tuned else None
-        return window_features(self.extractor, self.config.spp, root, tuned=tuned_ext)
+        provider = window_features(self.extractor, self.config.spp, root, tuned=tuned_ext)
+        if root is not None:
+            index = ImageIndex(root / INDEX_FILE, f"cached {provider.STORED} in {root}")
+            index.verify((r.image_id, r.path) for r in dataset)
+        return provider
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

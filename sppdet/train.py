@@ -102,7 +102,7 @@ def _run_finetune(run: Run, progress: bool) -> dict:
     return finetune(
         ds.records,
         props,
-        run.provider(ds.split),
+        run.provider(ds),
         run.config.spp,
         len(ds.classes),
         run.config.finetune,
@@ -193,7 +193,7 @@ def _run_train_svm(run: Run, layer: str, progress: bool, checkpoint_seconds: flo
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
-    provider = run.provider(ds.split, tuned=finetuned)
+    provider = run.provider(ds, tuned=finetuned)
     head = _head(run, layer) if finetuned else None
     ckpt = out / "checkpoint.npz"
     trainer, before = _resume_svm(ckpt, run.config.svm, len(ds))
@@ -303,7 +303,7 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
-    provider = run.provider(ds.split, tuned=tuned)
+    provider = run.provider(ds, tuned=tuned)
     cfg = run.config.bbox
     scale = _norm_scale(run, ds, props, provider, None, "pool5", run.config.svm.target_norm)
     trainer = None

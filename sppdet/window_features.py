@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sppdet.errors import CacheMismatchError
 from sppdet.features import (
     FeatureCache,
     FeatureExtractor,
@@ -218,8 +219,9 @@ class MapProvider:
             dev = self.extractor.device
             for s in want:
                 if self.cache.has(image_id, (s,), flip):
-                    fmap = torch.from_numpy(self.cache.load(image_id, s, flip)).to(dev).float()
-                    have[s] = ScaleMap(fmap, factors[s])
+                    arr = self.cache.load(image_id, s, flip)
+                    self._check_shape(arr.shape[1:], image_id, s, flip, size, factors[s])
+                    have[s] = ScaleMap(torch.from_numpy(arr).to(dev).float(), factors[s])
         missing = [s for s in want if s not in have]
         if missing:
             # Only the missing scales are computed: fine-tuning draws one random scale of a
@@ -230,6 +232,20 @@ class MapProvider:
                 if self.cache is not None:
                     self.cache.save(image_id, s, flip, m.fmap)
         return [have[s] for s in want]
+
+    def _check_shape(self, shape, image_id: str, scale: int, flip: bool, size, factor: float):
+        """A cached map must have about the shape that the image's size at ``scale`` gives
+        (``size`` is the decoded image's): a map of an image of another aspect ratio would map
+        windows elsewhere (other images of the same shape: :mod:`sppdet.image_identity`)."""
+        stride = self.extractor.spec.stride
+        want = [n * factor / stride for n in size]
+        if any(abs(got - w) > 2 + 0.02 * w for got, w in zip(shape, want, strict=True)):
+            raise CacheMismatchError(
+                f"cached map {self.cache.path(image_id, scale, flip)} is {shape[0]}x{shape[1]} "
+                f"cells, but image {image_id} ({size[1]}x{size[0]} pixels) gives about "
+                f"{want[0]:.0f}x{want[1]:.0f} at scale {scale}: it was made from another image; "
+                "delete it"
+            )
 
     def pool5(
         self,

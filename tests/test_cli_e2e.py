@@ -161,6 +161,21 @@ def test_eval_no_cache_stores_no_map_and_detects_the_same(trained, tmp_path):
     assert result.exit_code == 2 and "--no-cache needs --run" in result.output
 
 
+def test_caches_refuse_images_they_were_not_made_from(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    other = tmp_path / "data"
+    shutil.copytree(trained["data"], other)  # new mtimes, same content: the caches still serve
+    args = ("eval", "--voc2007", "--run", run, "--devkit", other, "--split", "val")
+    invoke(*args)
+    val = (other / "VOC2007/ImageSets/Main/val.txt").read_text().split()
+    jpeg = other / "VOC2007/JPEGImages" / f"{val[0]}.jpg"
+    Image.open(jpeg).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(jpeg)  # same id, new pixels
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert f"image {val[0]} were made from" in res.output and str(jpeg) in res.output
+
+
 def test_detect_writes_json_and_png(trained):
     data, run, root, classes = trained["data"], trained["run"], trained["root"], trained["classes"]
     first = (data / "VOC2007/ImageSets/Main/val.txt").read_text().split()[0]

@@ -183,6 +183,18 @@ def test_missing_size_reads_the_image_header(tmp_path, caplog):
     assert "no valid <size>" in caplog.text and "a.xml" in caplog.text
 
 
+def test_geometry_comes_from_the_image_not_a_wrong_size_with_one_warning(tmp_path, caplog):
+    box = _object("cat", (1, 1, 30, 8))  # inside the 40x16 the XML claims, not the 20x10 image
+    devkit = make_voc(tmp_path, {"a": _xml([box], size=(40, 16)), "b": _xml([box], (40, 16))})
+    with caplog.at_level(logging.WARNING):
+        ds = load_voc(devkit, "train")
+    assert [(r.width, r.height) for r in ds] == [(20, 10), (20, 10)]
+    assert ds[0].boxes.max(axis=0)[2] <= 20  # clipped to the real image
+    lines = [r.message for r in caplog.records if "not their image's" in r.message]
+    assert len(lines) == 1 and "2 annotation(s)" in lines[0] and "40x16" in lines[0]
+    assert "a.xml" in lines[0] and "20x10" in lines[0]
+
+
 def _tag_orientation(path: Path, orientation: int) -> None:
     """Re-save an image with an EXIF orientation tag (its stored pixels unchanged)."""
     exif = Image.Exif()

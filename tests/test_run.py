@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sppdet.datasets import Dataset
 from sppdet.errors import CacheMismatchError, ConfigError
 from sppdet.run import REMOVED_KEYS, Run, build_config, run_config
 
@@ -59,7 +60,8 @@ def test_with_test_conv_dtype_computes_maps_on_the_fly(tmp_path):
     bf16 = run.with_test(conv_dtype="bfloat16")
     # the run's cache holds float32 maps: other dtypes are computed, never cached over them
     assert bf16.config.features.conv_dtype == "bfloat16" and not bf16.config.features.cache
-    assert bf16.provider("val").cache is None
+    no_images = Dataset("voc2007_val", ("cat",), (), tmp_path, "val")
+    assert bf16.provider(no_images).cache is None
     assert run.config.features.conv_dtype == "float32"  # the run itself is unchanged
 
 

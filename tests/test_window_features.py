@@ -80,3 +80,15 @@ def test_cache_made_for_maps_is_not_reused_for_vectors(tmp_path):
     FeatureCache(tmp_path, _extractor("spp").manifest())
     with pytest.raises(CacheMismatchError, match="other settings"):
         window_features(_extractor("rcnn"), SPP, tmp_path)
+
+
+def test_a_cached_map_of_another_image_size_is_refused(tmp_path):
+    ext = _extractor("spp")
+    image, boxes = _image_and_boxes()
+    provider = window_features(ext, SPP, tmp_path / "c")
+    provider.store("x", image.shape[:2], lambda: image, boxes)
+    provider.pool5("x", image.shape[:2], lambda: image, boxes)  # the image it was made from
+    # same id, another shape (scales fix the shorter side: the aspect ratio tells)
+    wide = np.zeros((40, 100, 3), np.uint8)
+    with pytest.raises(CacheMismatchError, match=r"cached map .*x\.npy is .* made from another"):
+        provider.pool5("x", wide.shape[:2], lambda: wide, boxes)
