@@ -28,13 +28,24 @@ from sppdet.backbones import (
     weights_id,
 )
 from sppdet.errors import CacheMismatchError, ConfigError
-from sppdet.fastpath import AutocastTrunk, check_conv_dtype
+from sppdet.fastpath import CONV_DTYPES, AutocastTrunk, check_conv_dtype
 from sppdet.scales import SINGLE_SCALE, resized_size, scale_factor, select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
 from sppdet.storage import atomic_save_npy, check_manifest, versions
 from sppdet.tiling import stripe_pixels, stripe_trunk
 
 log = logging.getLogger(__name__)
+
+
+MODES = ("spp", "rcnn")
+#: Smallest shorter side (and longer-side cap) a setting may ask for: below it a stride-16 map
+#: has a cell or two and every window pools the same cells (``--scales 0`` wrote 1x1 maps).
+MIN_SCALE = 32
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"features.{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,24 @@ class FeatureConfig:
     # through the SPP layer (finetune.conv_blocks; Fast R-CNN 4.5) while the frozen lower part
     # runs once per image, scale and flip. 0: the cache holds the tapped map itself
 
+    def __post_init__(self) -> None:
+        # checked when the config is built, before a run directory or a cache is written
+        backbone_spec(self.backbone)  # an unknown name raises, listing the known ones
+        if not self.scales or min(self.scales) < MIN_SCALE:
+            raise ConfigError(
+                f"features.scales must be shorter sides of at least {MIN_SCALE} pixels, "
+                f"not {list(self.scales)}"
+            )
+        if self.max_size < MIN_SCALE:
+            raise ConfigError(f"features.max_size must be >= {MIN_SCALE}, not {self.max_size}")
+        _one_of("mode", self.mode, MODES)
+        _one_of("dtype", self.dtype, ("float16", "float32"))
+        _one_of("conv_dtype", self.conv_dtype, CONV_DTYPES)
+        if min(self.context_padding, self.rcnn_input, self.top_blocks) < 0:
+            raise ConfigError("features.context_padding, rcnn_input, top_blocks must be >= 0")
+        if self.rcnn_batch < 1 or self.stripe_pixels < -1:
+            raise ConfigError("features.rcnn_batch must be >= 1 and stripe_pixels >= -1")
+
 
 @dataclass(frozen=True)
 class SPPConfig:
@@ -80,6 +109,10 @@ class SPPConfig:
     levels: tuple[int, ...] = (6, 3, 2, 1)  # detection pyramid: 50 bins (paper 4.1); windows
     # map to cells by the paper's rule (floor + 1 / ceil - 1, sppdet.spp.map_windows)
 
+    def __post_init__(self) -> None:
+        if not self.levels or min(self.levels) < 1:
+            raise ConfigError(f"spp.levels must be positive bin counts, not {list(self.levels)}")
+
 
 @dataclass(frozen=True)
 class ScaleMap:
@@ -87,9 +120,6 @@ class ScaleMap:
 
     fmap: Tensor
     factor: float
-
-
-MODES = ("spp", "rcnn")
 
 
 class FeatureExtractor:

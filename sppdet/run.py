@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,7 +36,7 @@ from sppdet.finetune import FinetuneConfig, load_trunk_top
 from sppdet.image_identity import INDEX_FILE, ImageIndex
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig
-from sppdet.run_paths import absolute_paths, is_path, stored_path
+from sppdet.run_paths import absolute_paths, check_paths_exist, is_path, stored_path
 from sppdet.storage import (
     atomic_create_text,
     atomic_write_text,
@@ -62,6 +63,10 @@ class DataConfig:
     classes: str | None = None  # class-list file; None: VOC<year>/classes.txt or the 20 VOC ones
     proposals: str | None = None  # precomputed proposals (.npz / R-CNN .mat) to import
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 (or absent: every image), not {self.limit}")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -78,9 +83,24 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     workers: int = 1  # worker processes for proposal computation
 
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, not {self.workers}")
+
 
 #: Sections whose change invalidates cached proposals / features of an existing run.
 _CACHE_SECTIONS = ("proposals", "features", "spp")
+#: Settings of later stages: a change is taken while the stage that uses it has not run, and
+#: refused after (``data.limit``: :meth:`Run.settle_training_limit`; ``data.devkit``,
+#: ``data.train_split``, ``device`` and ``workers`` are the run's, whatever a command says).
+_STAGE_SECTIONS = ("finetune", "svm", "bbox", "test", "data.year", "data.classes")
+#: What each of them shows a stage has run (``test``: nothing; evaluations record their own).
+_STAGE_OUTPUTS = {
+    "finetune": ("finetune/model.pt", "finetune/checkpoint.pt"),
+    "svm": ("svm_*/svm.npz", "svm_*/checkpoint.npz"),
+    "bbox": ("bbox/bbox.npz",),
+    "data": ("finetune/*", "svm_*/*", "bbox/*"),
+}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -173,10 +193,14 @@ class Run:
 
         Creation is exclusive: of two stages that create the same run at once (the train and
         val extractions side by side), one writes ``config.yaml`` and the other reopens it.
+        Another setting of a later stage (:data:`_STAGE_SECTIONS`) is taken while that stage
+        has not run, with a note in ``config.yaml`` and a warning; after, it is refused as
+        a cached section's is. Files the config names must exist before anything is written.
         """
         root = Path(root)
         path = root / CONFIG_FILE
         config = absolute_paths(config)
+        check_paths_exist(config)
         if not path.exists() and atomic_create_text(path, _config_text(config)):
             return cls(root, config)
         old = cls.open(root).config
@@ -190,18 +214,23 @@ class Run:
             line
             for sec in _CACHE_SECTIONS
             if not (sec == "proposals" and imported)
-            for line in diff(
-                canonical(to_dict(getattr(old_r, sec))),
-                canonical(to_dict(getattr(new_r, sec))),
-                sec,
-            )
+            for line in _section_diff(old_r, new_r, sec)
         ]
-        if diffs:
+        changed = [line for sec in _STAGE_SECTIONS for line in _section_diff(old_r, new_r, sec)]
+        started = [line for line in changed if _stage_started(root, line.split(".")[0])]
+        if diffs or started:
             raise CacheMismatchError(
-                f"{root} was made with other settings ({'; '.join(diffs)}; see {path}): "
-                "use another --out directory"
+                f"{root} was made with other settings ({'; '.join(diffs + started)}; see "
+                f"{path}): use another --out directory"
             )
-        return cls(root, old)
+        if not changed:
+            return cls(root, old)
+        # the stages that use them have not run: the new settings are taken, and said so
+        accepted = _with_sections(old, config, {line.split(".")[0] for line in changed})
+        note = f"accepted {time.strftime('%Y-%m-%d %H:%M')}: {'; '.join(changed)}"
+        _write_config(root, accepted, note)
+        log.warning("%s: %s (their stages have not run yet)", path, note)
+        return cls(root, accepted)
 
     def settle_training_limit(self, split: str, limit: int | None) -> Run:
         """The run as an extraction of ``split`` with ``--limit limit`` leaves it.
@@ -221,7 +250,7 @@ class Run:
                 f"{path}), not {_first(limit)}: use another --out directory"
             )
         config = dataclasses.replace(self.config, data=dataclasses.replace(data, limit=limit))
-        atomic_write_text(path, _config_text(config))
+        _write_config(self.root, config)
         return Run(self.root, config)
 
     def with_finetune(self, **changes: Any) -> Run:
@@ -241,7 +270,7 @@ class Run:
                 f"{self.root / CONFIG_FILE}): use another run directory"
             )
         config = dataclasses.replace(self.config, finetune=new)
-        atomic_write_text(self.root / CONFIG_FILE, _config_text(config))
+        _write_config(self.root, config)
         return Run(self.root, config)
 
     @classmethod
@@ -372,6 +401,38 @@ class Run:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+
+def _section_diff(old: RunConfig, new: RunConfig, setting: str) -> list[str]:
+    """``diff`` lines of a section (``"svm"``) or of one key (``"data.year"``)."""
+    sec, _, key = setting.partition(".")
+    a, b = (canonical(to_dict(getattr(c, sec))) for c in (old, new))
+    if key:
+        a, b = {key: a.get(key)}, {key: b.get(key)}
+    return diff(a, b, sec)
+
+
+def _stage_started(root: Path, section: str) -> bool:
+    return any(any(root.glob(g)) for g in _STAGE_OUTPUTS.get(section, ()))
+
+
+def _with_sections(old: RunConfig, new: RunConfig, sections: set[str]) -> RunConfig:
+    """``old`` with ``sections`` taken from ``new`` (``data``: its year and classes only)."""
+    changes = {s: getattr(new, s) for s in sections if s != "data"}
+    if "data" in sections:
+        changes["data"] = dataclasses.replace(
+            old.data, year=new.data.year, classes=new.data.classes
+        )
+    return dataclasses.replace(old, **changes)
+
+
+def _write_config(root: Path, config: RunConfig, note: str | None = None) -> None:
+    """Write ``config.yaml``, keeping its ``# `` note lines (settings accepted later) first."""
+    path = root / CONFIG_FILE
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    notes = [line for line in old.splitlines() if line.startswith("# ")]
+    notes += [f"# {note}"] if note else []
+    atomic_write_text(path, "".join(n + "\n" for n in notes) + _config_text(config))
 
 
 def _config_text(config: RunConfig) -> str:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from sppdet.configutil import merge
 from sppdet.errors import ConfigError
 
-__all__ = ["PATH_SETTINGS", "absolute_paths", "relative_paths", "stored_path"]
+__all__ = ["PATH_SETTINGS", "absolute_paths", "check_paths_exist", "relative_paths", "stored_path"]
 
 T = TypeVar("T")
 
@@ -57,6 +57,18 @@ def absolute_paths(config: T, *, resolve: bool = False) -> T:
         if is_path(section, key, value):
             changes.setdefault(section, {})[key] = _absolute(value, resolve)
     return merge(config, changes, "paths") if changes else config
+
+
+def check_paths_exist(config: Any) -> None:
+    """Every file or directory a run config names exists (checked before a run is written).
+
+    Raises:
+        ConfigError: naming the setting and the path.
+    """
+    for section, key in PATH_SETTINGS:
+        value = getattr(getattr(config, section), key)
+        if is_path(section, key, value) and not os.path.exists(value):
+            raise ConfigError(f"{section}.{key}: {value} does not exist")
 
 
 def relative_paths(data: Mapping[str, Any], start: str | Path | None = None) -> dict[str, Any]:

@@ -170,3 +170,34 @@ def test_detect_reads_a_phone_photo_upright(trained, tmp_path):
     assert phone["detections"] == twin["detections"] and phone["detections"]
     assert max(d["box"][2] for d in phone["detections"]) <= 96  # 96 wide, 120 high
     assert max(d["box"][3] for d in phone["detections"]) > 96
+
+
+@pytest.mark.parametrize(
+    ("options", "yaml_text", "message"),
+    [
+        (["--scales", "0"], "", "features.scales"),
+        (["--scales", "-688"], "", "features.scales"),
+        (["--max-size", "0"], "", "features.max_size"),
+        (["--workers", "0"], "", "workers must be >= 1"),
+        (["--limit", "0"], "", "data.limit"),
+        ([], "features:\n  backbone: mobilnet_v2\n", "unknown backbone 'mobilnet_v2'"),
+        ([], "features:\n  weights: no/such/file.pth\n", "features.weights"),
+    ],
+)
+def test_bad_settings_stop_extract_before_anything_is_written(
+    trained, tmp_path, options, yaml_text, message
+):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_merged(CONFIG, yaml_text)))
+    out = tmp_path / "run"
+    res = run_cli("extract", "--devkit", trained["root"] / "data", "--split", "train",
+                  "--out", out, "--config", cfg, *options)  # fmt: skip
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+    assert not out.exists()  # no run directory, so the corrected command is not refused
+
+
+def _merged(base: str, delta: str) -> dict:
+    out = yaml.safe_load(base)
+    for section, values in (yaml.safe_load(delta) or {}).items():
+        out.setdefault(section, {}).update(values)
+    return out

@@ -38,7 +38,8 @@ def test_other_features_or_computed_proposal_settings_are_refused(tmp_path):
 
 
 def test_imported_proposals_ignore_selective_search_settings(tmp_path):
-    data = {"proposals": "boxes.npz"}
+    (tmp_path / "boxes.npz").touch()
+    data = {"proposals": str(tmp_path / "boxes.npz")}
     Run.create(tmp_path, _cfg(data=data, proposals={"ks": [50, 100]}))
     run = Run.create(tmp_path, _cfg(data=data, proposals={"ks": [50, 100, 150]}))
     assert run.config.proposals.ks == (50, 100)  # the run keeps what it was made with
@@ -172,3 +173,51 @@ def test_the_committed_configs_load():
     assert len(configs) >= 5
     for path in configs:
         build_config(path)  # strict: an unknown key or a broken base is an error
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "match"),
+    [
+        ("features", {"scales": [0]}, "features.scales"),
+        ("features", {"scales": [-688]}, "features.scales"),
+        ("features", {"max_size": 0}, "features.max_size"),
+        ("features", {"backbone": "mobilenet_v3"}, "unknown backbone 'mobilenet_v3'"),
+        ("features", {"conv_dtype": "int4"}, "features.conv_dtype"),
+        ("spp", {"levels": [6, 0]}, "spp.levels"),
+        ("data", {"limit": 0}, "data.limit"),
+        ("proposals", {"backend": "edgeboxes"}, "proposals.backend"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_is_built(section, values, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**{section: values})
+
+
+def test_bad_workers_and_missing_files_are_refused_before_a_run_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="workers"):
+        dataclasses.replace(_cfg(), workers=0)
+    missing = tmp_path / "no_such_weights.pth"
+    with pytest.raises(ConfigError, match=f"features.weights: {missing} does not exist"):
+        Run.create(tmp_path / "r", _cfg(features={"weights": str(missing)}))
+    assert not (tmp_path / "r").exists()
+
+
+def test_later_stage_settings_are_taken_until_their_stage_runs(tmp_path, caplog):
+    cfg = _cfg(features={"backbone": "zf5", "weights": "random"})
+    Run.create(tmp_path, cfg)
+    more = _cfg(features={"backbone": "zf5", "weights": "random"}, finetune={"iterations": 77})
+    run = Run.create(tmp_path, more)
+    assert run.config.finetune.iterations == 77
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# accepted ") and "finetune.iterations: 12000 -> 77" in text
+    assert Run.open(tmp_path).config.finetune.iterations == 77
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "model.pt").touch()  # fine-tuning has run: no more changes
+    fewer = _cfg(features={"backbone": "zf5", "weights": "random"}, finetune={"iterations": 5})
+    with pytest.raises(CacheMismatchError, match="finetune.iterations: 77 -> 5"):
+        Run.create(tmp_path, fewer)
+    # the SVMs have not run: their settings are still taken; the note of the first change stays
+    svm = dataclasses.replace(more, svm=dataclasses.replace(more.svm, C=0.0001))
+    assert Run.create(tmp_path, svm).config.svm.C == 0.0001
+    notes = [ln for ln in (tmp_path / "config.yaml").read_text().splitlines() if ln[:1] == "#"]
+    assert len(notes) == 2 and "svm.C: 0.001 -> 0.0001" in notes[1]
