@@ -50,3 +50,7 @@ def _register() -> None:
 
 
 _register()
+
+
+if __name__ == "__main__":  # `python -m sppdet_cli.main` (what torchrun launches)
+    cli()
