@@ -100,15 +100,17 @@ def command(
     if no_cache and detections is not None:
         raise click.UsageError("--no-cache needs --run or --model (comp4 files have no maps)")
     if detections is None:
-        run, source = open_run_or_model(run_dir, model, out_dir, devkit)
+        from sppdet_cli.distributed import init_from_env, main_first
+
+        dist = init_from_env()  # torchrun: the images are sharded over the processes
+        run, source = main_first(dist, lambda: open_run_or_model(run_dir, model, out_dir, devkit))
         test = fast_test(speed)
+        args = (run, source, devkit, split, limit, json_out, test)
         if ablations:
-            _eval_ablations(
-                run, source, devkit, split, limit, json_out, test, fast_path, not no_cache
-            )
+            _eval_ablations(*args, fast_path, not no_cache, dist)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
-        _eval_run(run, source, devkit, split, limit, test, name, json_out, not no_cache)
+        _eval_run(*args, name, not no_cache, dist)
         return
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
@@ -137,7 +139,7 @@ def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
     return model_run(source, root, devkit=devkit), source
 
 
-def _eval_run(run, source, devkit, split, limit, test, name, json_out, cache_maps):
+def _eval_run(run, source, devkit, split, limit, json_out, test, name, cache_maps, dist):
     from sppdet.evaluate import evaluate_run
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
@@ -152,7 +154,10 @@ def _eval_run(run, source, devkit, split, limit, test, name, json_out, cache_map
         out_name=name,
         source=source,
         cache_maps=cache_maps,
+        dist=dist,
     )
+    if not dist.main:
+        return
     click.echo(format_ap_table(result))
     t = summary["seconds_per_image"]
     click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
@@ -160,7 +165,7 @@ def _eval_run(run, source, devkit, split, limit, test, name, json_out, cache_map
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path, cache_maps):
+def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path, cache_maps, dist):
     from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
@@ -171,8 +176,17 @@ def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path
     found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}
     variants = {f"{split}_{k}": v for k, v in found.items()}
     results = evaluate_variants(
-        run, split, variants, devkit=str(devkit), limit=limit, source=source, cache_maps=cache_maps
+        run,
+        split,
+        variants,
+        devkit=str(devkit),
+        limit=limit,
+        source=source,
+        cache_maps=cache_maps,
+        dist=dist,
     )
+    if not dist.main:
+        return
     rows = []
     for name, (result, summary) in results.items():
         click.echo(f"\n== {name}\n" + format_ap_table(result))

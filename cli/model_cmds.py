@@ -69,12 +69,13 @@ def detect_command(
     elif mode is not None:
         raise click.UsageError("--mode checks a run: it needs --run")
     test = {"scorer": scorer, **fast_test(kw, conv_default="auto", fc_default="auto")}
+    from sppdet_cli.distributed import init_from_env
+
+    dist = init_from_env(device or "auto")  # torchrun: the images are sharded over processes
     detector = detector_for(run_dir, model, device=device, test=test)
-    failed = []
 
     def report(path, exc):
         click.echo(f"error: {exc}", err=True)
-        failed.append(path)
 
     results = detect_images(
         [Path(p) for p in images],
@@ -82,7 +83,10 @@ def detect_command(
         out_image=out_image,
         score_threshold=score_threshold,
         on_error=report,
+        dist=dist,
     )
+    if not dist.main:
+        return
     for res in results:
         click.echo(f"{res['image']}: {len(res['detections'])} detections")
         for d in res["detections"]:
@@ -92,8 +96,9 @@ def detect_command(
         from sppdet.storage import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(results, indent=2) + "\n")
-    if failed:
-        raise SppdetError(f"{len(failed)} of {len(images)} images could not be read (see above)")
+    if len(results) < len(images):  # the unreadable ones (each reported by its rank)
+        lost = len(images) - len(results)
+        raise SppdetError(f"{lost} of {len(images)} images could not be read (see above)")
 
 
 @click.command("export")

@@ -103,8 +103,15 @@ def extract_command(
         cfg = dataclasses.replace(cfg, **extra)
     if split == cfg.data.train_split and limit is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
-    run = Run.create(run_dir, cfg).settle_training_limit(split, cfg.data.limit)
-    summary = extract(run, split, devkit=devkit, limit=limit)
+    from sppdet_cli.distributed import init_from_env, main_first
+
+    dist = init_from_env(cfg.device)  # torchrun: the images are sharded over the processes
+    run = main_first(
+        dist, lambda: Run.create(run_dir, cfg).settle_training_limit(split, cfg.data.limit)
+    )
+    summary = extract(run, split, devkit=devkit, limit=limit, dist=dist)
+    if not dist.main:
+        return
     what = summary.get("stored", "images")
     click.echo(
         f"extract {split}: {summary['images']} images, "
@@ -154,6 +161,10 @@ def open_run(run_dir, mode: str | None = None):
 def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
     """Fine-tune fc6/fc7/classifier on SPP vectors (and with --conv-blocks the top conv
     blocks); the settings given here are written to the run's config.yaml."""
+    from sppdet_cli.distributed import single_process_only
+
+    single_process_only("finetune")
+
     from sppdet.train import run_finetune
 
     run = open_run(run_dir, mode).with_finetune(conv_blocks=conv_blocks, conv_lr=conv_lr)
@@ -182,6 +193,10 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
 @MODE
 def train_svm_command(run_dir, layer, retrain_growth, quiet, mode):
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
+    from sppdet_cli.distributed import single_process_only
+
+    single_process_only("train-svm")
+
     from sppdet.train import run_train_svm
 
     run = open_run(run_dir, mode)
@@ -197,6 +212,10 @@ def train_svm_command(run_dir, layer, retrain_growth, quiet, mode):
 @MODE
 def train_bbox_command(run_dir, quiet, mode):
     """Per-class ridge box regressors on SPP (pool5) vectors."""
+    from sppdet_cli.distributed import single_process_only
+
+    single_process_only("train-bbox")
+
     from sppdet.train import run_train_bbox
 
     s = run_train_bbox(open_run(run_dir, mode), progress=not quiet)
@@ -212,6 +231,10 @@ def train_bbox_command(run_dir, quiet, mode):
 @MODE
 def train_command(run_dir, layer, quiet, mode):
     """finetune -> train-svm -> train-bbox (each skipped when already done)."""
+    from sppdet_cli.distributed import single_process_only
+
+    single_process_only("train")
+
     from sppdet.train import run_train
 
     t = run_train(open_run(run_dir, mode), layer=layer, progress=not quiet)

@@ -67,8 +67,15 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
 
     changes = {k: v for k, v in {"backend": backend, "mode": mode}.items() if v is not None}
     config = dataclasses.replace(ProposalConfig(), **changes)
+    from sppdet_cli.distributed import init_from_env
+
+    dist = init_from_env()  # torchrun: the images are sharded over the processes
     dataset = load_voc(devkit, split, limit=limit)
-    pset = ensure_proposals(dataset, config, run_dir, workers=workers, import_path=import_path)
+    pset = ensure_proposals(
+        dataset, config, run_dir, workers=workers, import_path=import_path, dist=dist
+    )
+    if not dist.main:
+        return
     path = store_path(run_dir, dataset.split)
     click.echo(f"{path}: {len(dataset)} images, {pset.num_boxes().mean():.0f} boxes/image")
     if not (recall or json_out):

@@ -16,6 +16,7 @@ Shape shorthand: ``N`` windows, ``K`` classes, ``M`` detections, ``D`` feature d
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -238,7 +239,6 @@ class Detector:
         self.propose = propose
         if config.scorer not in SCORERS:
             raise ValueError(f"unknown scorer {config.scorer!r}; expected one of {SCORERS}")
-        self._rng = torch.Generator().manual_seed(config.seed)
         if config.scorer == "svm" and svms is None:
             raise ValueError("scorer 'svm' needs trained SVMs")
         if config.scorer == "softmax" and head is None:
@@ -287,10 +287,14 @@ class Detector:
             return softmax_scores(self.head, x, fc_dtype=self.config.fc_dtype)
         return self.svms.scores_tensor(x).float()  # in torch: see LinearSVMs.scores_tensor
 
-    def random_scores(self, n: int) -> Tensor:
-        """``Tensor[n, K]`` uniform scores, one draw per window (not per distinct window):
-        chance on the same proposals. Advances this detector's seeded generator."""
-        return torch.rand(n, len(self.classes), generator=self._rng).to(self.device)
+    def random_scores(self, boxes: np.ndarray) -> Tensor:
+        """``Tensor[N, K]`` uniform scores of ``boxes`` (``Array[N, 4]``), one draw per window
+        (not per distinct window): chance on the same proposals. The generator is seeded by
+        ``config.seed`` and the windows themselves, so an image's scores do not depend on which
+        images were scored before it, or by which process (:mod:`sppdet.distributed`)."""
+        key = zlib.crc32(np.ascontiguousarray(boxes, np.float32).tobytes(), self.config.seed)
+        gen = torch.Generator().manual_seed(key)
+        return torch.rand(len(boxes), len(self.classes), generator=gen).to(self.device)
 
     @property
     def score_stage(self) -> str:
@@ -395,7 +399,7 @@ class Detector:
             pool5, inverse = pool(boxes)
         if self.config.scorer == "random":
             with hook("fc"):
-                scores = self.random_scores(len(boxes))
+                scores = self.random_scores(boxes)
         else:
             x = pool5
             if self.score_layer != "pool5":

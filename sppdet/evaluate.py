@@ -29,6 +29,7 @@ from sppdet.detect import (
     expand_rows,
     prepare_windows,
 )
+from sppdet.distributed import SINGLE, Dist, unshard
 from sppdet.errors import SppdetError
 from sppdet.imageio import load_image
 from sppdet.locks import writing
@@ -118,8 +119,10 @@ def evaluate_run(
     progress: bool = True,
     source=None,
     cache_maps: bool = True,
-) -> tuple[EvalResult, dict]:
-    """Detect over ``split`` with the run's test config; see :func:`evaluate_variants`."""
+    dist: Dist = SINGLE,
+) -> tuple[EvalResult, dict] | None:
+    """Detect over ``split`` with the run's test config; see :func:`evaluate_variants` (None on
+    the ranks other than 0)."""
     name = out_name or split
     results = evaluate_variants(
         run,
@@ -130,8 +133,9 @@ def evaluate_run(
         progress=progress,
         source=source,
         cache_maps=cache_maps,
+        dist=dist,
     )
-    return results[name]
+    return results.get(name)
 
 
 def evaluate_variants(
@@ -144,6 +148,7 @@ def evaluate_variants(
     progress: bool = True,
     source=None,
     cache_maps: bool = True,
+    dist: Dist = SINGLE,
 ) -> dict[str, tuple[EvalResult, dict]]:
     """Detect over ``split`` with each test variant; comp4 files, VOC07 AP, PR curves, timings.
 
@@ -157,28 +162,47 @@ def evaluate_variants(
 
     ``source``: where the trained parts come from (default: ``run`` itself; a
     :class:`~sppdet.model_file.ModelFile` with the run of :func:`~sppdet.model_file.model_run`).
+
+    ``dist``: the images are sharded over its ranks (:mod:`sppdet.distributed`); rank 0 gathers
+    the detections in image order and writes the outputs (the others return ``{}``).
     """
     with contextlib.ExitStack() as stack:
-        for name in variants:  # one writer of each RUN/eval/<name>
+        for name in variants if dist.main else ():  # one writer of each RUN/eval/<name>
             stack.enter_context(writing(run.root, f"eval-{name}"))
-        return _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps)
+        return _evaluate(
+            run, split, variants, devkit, limit, progress and dist.main, source, cache_maps, dist
+        )
 
 
-def _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps) -> dict:
+def _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps, dist) -> dict:
     ds = run.dataset(split, devkit=devkit, limit=limit)
     detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
-    props = run.proposals(ds)
-    provider = run.provider(ds, cache=cache_maps)
-    per_class = {name: defaultdict(list) for name in variants}
+    props = run.proposals(ds, dist=dist)
+    provider = run.provider(ds, cache=cache_maps, dist=dist)
     timers = {name: StageTimer(run.device) for name in variants}
     t_start = time.perf_counter()
-    for rec in tqdm(ds, desc=f"detect {split}", unit="img", disable=not progress):
+    mine = []  # this rank's images' detections, {variant: Detections} each
+    for rec in tqdm(
+        dist.shard(ds.records), desc=f"detect {split}", unit="img", disable=not progress
+    ):
         size = (rec.height, rec.width)
         pool_for = _image_pools(provider, rec, size, detectors, timers)
-        dets = detect_variants(detectors, size, props.boxes_for(rec.image_id), pool_for, timers)
+        mine.append(
+            detect_variants(detectors, size, props.boxes_for(rec.image_id), pool_for, timers)
+        )
+    wall = max(dist.gather(time.perf_counter() - t_start))
+    every = unshard(dist.gather(mine))
+    rank_seconds = dist.gather({name: dict(t.seconds) for name, t in timers.items()})
+    if not dist.main:
+        return {}
+    for other in rank_seconds[1:]:  # per-image seconds over every rank's images
+        for name, seconds in other.items():
+            for stage, sec in seconds.items():
+                timers[name].seconds[stage] += sec
+    per_class = {name: defaultdict(list) for name in variants}
+    for rec, dets in zip(ds, every, strict=True):
         for name, d in dets.items():
             _collect(per_class[name], rec.image_id, d)
-    wall = time.perf_counter() - t_start
     # where conv maps came from: what the "conv" seconds per image measure
     maps = "cache" if cache_maps and run.config.features.cache else "computed"
     return {
@@ -254,7 +278,7 @@ def _detect_shared(det: Detector, shared: _Shared, size, proposals, pool_for, ti
     hook = timer if timer is not None else PROFILER_LABELS
     if det.config.scorer == "random":
         with hook("fc"):
-            scores = det.random_scores(len(boxes))
+            scores = det.random_scores(boxes)
     else:
         layer = det.score_layer
         x = pool5

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.distributed import SINGLE, Dist
 from sppdet.imageio import load_image
 from sppdet.locks import writing
 from sppdet.run import Run
@@ -31,14 +33,16 @@ def extract(
     devkit: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> dict:
     """Make sure ``split`` has proposals and (if caching is on) every conv map on disk.
 
     Maps already in the cache are skipped, so a killed extraction resumes where it stopped and a
-    finished one is a no-op. Returns a summary dict.
+    finished one is a no-op. ``dist``: the missing images are sharded over its ranks
+    (:mod:`sppdet.distributed`). Returns a summary dict (totals over the ranks).
     """
     dataset = run.dataset(split, devkit=devkit, limit=limit)
-    proposals = run.proposals(dataset)
+    proposals = run.proposals(dataset, dist=dist)
     n_boxes = sum(len(proposals.boxes_for(r.image_id)) for r in dataset)
     summary = {
         "split": split,
@@ -52,17 +56,19 @@ def extract(
         log.info("feature caching is off: later stages compute window features on the fly")
         return summary
 
-    with writing(run.root, f"features-{split}"):  # one extraction of a split at a time
-        return _store_maps(run, dataset, proposals, summary, progress)
+    # one extraction of a split at a time (the ranks of one are one)
+    with writing(run.root, f"features-{split}") if dist.main else nullcontext():
+        return _store_maps(run, dataset, proposals, summary, progress and dist.main, dist)
 
 
-def _store_maps(run: Run, dataset, proposals, summary: dict, progress: bool) -> dict:
+def _store_maps(run: Run, dataset, proposals, summary: dict, progress: bool, dist: Dist) -> dict:
     """Compute and cache the maps (R-CNN mode: window vectors) that the split lacks."""
     split = dataset.split
-    provider = run.provider(dataset)
+    provider = run.provider(dataset, dist=dist)
     assert provider.cache is not None
     summary["stored"] = provider.STORED
     todo = [r for r in dataset if not provider.cached(r.image_id)]
+    dist.barrier()  # every rank has listed the same images before any is stored
     if not todo:
         log.info(
             "all %d images of %s already cached in %s", len(dataset), split, provider.cache.root
@@ -73,25 +79,34 @@ def _store_maps(run: Run, dataset, proposals, summary: dict, progress: bool) -> 
     log_path = provider.cache.root / EXTRACT_LOG
     before = read_json(log_path) if log_path.exists() else {"seconds": 0.0, "images": 0}
     attempts = before.get("attempts", 0) + 1
+
+    def write_log(seconds: float, images: int) -> None:
+        # Cumulative over attempts, written as it goes: a killed extraction (end of a session)
+        # keeps the time it spent, so resumed runs can report the whole stage.
+        atomic_write_json(
+            log_path,
+            {
+                "seconds": before["seconds"] + seconds,
+                "images": before["images"] + images,
+                "attempts": attempts,
+                "threads": torch.get_num_threads(),
+                **({"processes": dist.world} if dist.world > 1 else {}),
+            },
+        )
+
     t0 = time.perf_counter()
-    for k, rec in enumerate(tqdm(todo, desc=f"extract {split}", unit="img", disable=not progress)):
+    mine = dist.shard(todo)
+    for k, rec in enumerate(tqdm(mine, desc=f"extract {split}", unit="img", disable=not progress)):
         loader = lambda r=rec: load_image(r.path)  # noqa: E731
         provider.store(rec.image_id, (rec.height, rec.width), loader, windows.pop(rec.image_id))
-        if (k + 1) % LOG_EVERY == 0 or k + 1 == len(todo):
-            # Cumulative over attempts, written as it goes: a killed extraction (end of a
-            # session) keeps the time it spent, so resumed runs can report the whole stage.
-            atomic_write_json(
-                log_path,
-                {
-                    "seconds": before["seconds"] + time.perf_counter() - t0,
-                    "images": before["images"] + k + 1,
-                    "attempts": attempts,
-                    "threads": torch.get_num_threads(),
-                },
-            )
+        if dist.world == 1 and ((k + 1) % LOG_EVERY == 0 or k + 1 == len(mine)):
+            write_log(time.perf_counter() - t0, k + 1)
+    seconds = max(dist.gather(time.perf_counter() - t0))  # the stage's wall time
+    if dist.world > 1 and dist.main:  # ranks log only their totals (a killed one: nothing)
+        write_log(seconds, len(todo))
     summary["computed"] = len(todo)
-    summary["seconds"] = time.perf_counter() - t0
-    summary["images_per_second"] = len(todo) / max(summary["seconds"], 1e-9)
+    summary["seconds"] = seconds
+    summary["images_per_second"] = len(todo) / max(seconds, 1e-9)
     return summary
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import CacheMismatchError
 
 INDEX_FILE = "images.jsonl"
@@ -64,13 +65,18 @@ class ImageIndex:
                 continue  # a line cut by a kill mid-append: that image is recorded again
         return out
 
-    def verify(self, images: Iterable[tuple[str, str | os.PathLike]]) -> None:
+    def verify(self, images: Sequence[tuple[str, str | os.PathLike]], dist: Dist = SINGLE) -> None:
         """Check ``(image_id, path)`` pairs against the index; record the ones not in it.
+
+        With several processes (``dist``) rank 0 checks and records first; the others then
+        check against its records (and never append).
 
         Raises:
             CacheMismatchError: an image's file is not the one the cache was made from (the
                 message names both and how to recover).
         """
+        if not dist.main:
+            dist.barrier()  # rank 0 records first
         known = self._load()
         new = []
         for image_id, path in images:
@@ -84,8 +90,10 @@ class ImageIndex:
                     "now: the image changed or the run reads another dataset; delete the cache "
                     "or use another run directory"
                 )
-        if new:
+        if new and dist.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps(r) + "\n" for r in new)
             with open(self.path, "a", encoding="utf-8") as f:  # appends: no writer loses lines
                 f.write(text)
+        if dist.main:
+            dist.barrier()

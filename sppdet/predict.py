@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sppdet.detect import Detector
+from sppdet.distributed import SINGLE, Dist, unshard
 from sppdet.errors import DataError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.imageio import load_image
@@ -96,6 +97,7 @@ def detect_images(
     out_image: str | os.PathLike | None = None,
     score_threshold: float | None = None,
     on_error: Callable[[Path, DataError], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> list[dict]:
     """Detect in each image; returns ``[{"image", "detections": [{class, score, box}]}]``.
 
@@ -110,6 +112,9 @@ def detect_images(
             (missing, a directory, unreadable or corrupt), which is then left out of the
             results; without it the first such error is raised.
 
+        dist: the images are sharded over its ranks (:mod:`sppdet.distributed`); every rank
+            returns the results of all, in the order of ``paths``.
+
     Raises:
         DataError: an image cannot be read and ``on_error`` is None.
     """
@@ -117,27 +122,31 @@ def detect_images(
     if score_threshold is None:
         score_threshold = DISPLAY_THRESHOLDS[detector.config.scorer]
     drawings = drawing_paths(paths, out_image) if out_image is not None else [None] * len(paths)
-    results = []
-    for path, drawing in zip(paths, drawings, strict=True):
-        try:
-            image = load_image(path)
-        except DataError as exc:
-            if on_error is None:
-                raise
-            on_error(path, exc)
-            continue
-        dets = detector.detect(image)
-        keep = dets.scores >= score_threshold
-        boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
-        if drawing is not None:
-            draw_detections(image, boxes, labels, scores, detector.classes, drawing)
-        results.append(
-            {
-                "image": str(path),
-                "detections": [
-                    {"class": detector.classes[int(c)], "score": float(s), "box": b.tolist()}
-                    for b, s, c in zip(boxes, scores, labels, strict=True)
-                ],
-            }
-        )
-    return results
+    mine = [
+        _detect_one(path, drawing, detector, score_threshold, on_error)
+        for path, drawing in dist.shard(list(zip(paths, drawings, strict=True)))
+    ]
+    return [r for r in unshard(dist.gather(mine)) if r is not None]
+
+
+def _detect_one(path: Path, drawing, detector: Detector, threshold: float, on_error) -> dict | None:
+    """One image's entry of :func:`detect_images` (None: it could not be read)."""
+    try:
+        image = load_image(path)
+    except DataError as exc:
+        if on_error is None:
+            raise
+        on_error(path, exc)
+        return None
+    dets = detector.detect(image)
+    keep = dets.scores >= threshold
+    boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
+    if drawing is not None:
+        draw_detections(image, boxes, labels, scores, detector.classes, drawing)
+    return {
+        "image": str(path),
+        "detections": [
+            {"class": detector.classes[int(c)], "score": float(s), "box": b.tolist()}
+            for b, s, c in zip(boxes, scores, labels, strict=True)
+        ],
+    }

@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from sppdet import boxes as B
 from sppdet import storage as S
+from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import CacheMismatchError, DataError
 from sppdet.image_identity import INDEX_FILE, ImageIndex
 from sppdet.locks import writing
@@ -189,13 +191,14 @@ def ensure_proposals(
     workers: int = 1,
     import_path: str | os.PathLike | None = None,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> ProposalSet:
     """Proposals of ``dataset`` in ``RUN/proposals/<split>.npz``: reused, imported or computed.
 
     A finished store is reused when it was made as asked (an imported one whenever
     ``import_path`` is None) and covers every image of ``dataset``. Otherwise the boxes are
     imported from ``import_path``, or computed with ``config`` on ``workers`` processes
-    (resuming an interrupted computation).
+    (resuming an interrupted computation), sharded over the ranks of ``dist``.
 
     Raises:
         CacheMismatchError: the store or its unfinished parts were made with other settings, or
@@ -205,19 +208,26 @@ def ensure_proposals(
     want = _import_settings(dataset, import_path) if import_path else _settings(dataset, config)
     index = ImageIndex(path.parent / f"{dataset.split}.{INDEX_FILE}", f"proposals in {path}")
     images = [(r.image_id, r.path) for r in dataset]
-    if (pset := _reusable(path, dataset, want, import_path)) is not None:
-        index.verify(images)
-        return pset
-    with writing(run_dir, f"proposals-{dataset.split}"):
-        # another command may have finished them between the look above and the lock
-        if (pset := _reusable(path, dataset, want, import_path)) is None:
-            index.path.unlink(missing_ok=True)  # a new store: forget an old one's images
-            if import_path:  # also when a store of the same file lacks images: exact anyway
-                pset = import_proposals(dataset, import_path, path, settings=want)
-            else:
-                pset = compute_proposals(dataset, config, path, workers=workers, progress=progress)
-        index.verify(images)
-        return pset
+    # rank 0 decides for every rank (sppdet.distributed): they must pass the same barriers
+    pset = _reusable(path, dataset, want, import_path) if dist.main else None
+    if not dist.gather(pset is not None)[0]:
+        lock = writing(run_dir, f"proposals-{dataset.split}") if dist.main else nullcontext()
+        with lock:
+            # another command may have finished them between the look above and the lock
+            pset = _reusable(path, dataset, want, import_path) if dist.main else None
+            if not dist.gather(pset is not None)[0]:
+                if dist.main:
+                    index.path.unlink(missing_ok=True)  # a new store: forget an old one's images
+                if import_path and dist.main:  # also when a store of the file lacks images
+                    pset = import_proposals(dataset, import_path, path, settings=want)
+                elif not import_path:
+                    pset = compute_proposals(
+                        dataset, config, path, workers=workers, progress=progress, dist=dist
+                    )
+            dist.barrier()
+    pset = pset if dist.main else load_proposal_set(path)
+    index.verify(images, dist)
+    return pset
 
 
 def _reusable(path: Path, dataset, want: dict, import_path) -> ProposalSet | None:
@@ -284,6 +294,7 @@ def compute_proposals(
     chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
     stop_after: int | None = None,
+    dist: Dist = SINGLE,
 ) -> ProposalSet | None:
     """Compute the proposals of ``dataset`` into the store ``path``, resuming finished chunks.
 
@@ -295,6 +306,8 @@ def compute_proposals(
         chunk_size: images per part file.
         stop_after: compute at most this many missing chunks and return None if some are left
             (what a killed run leaves behind; for tests).
+        dist: ranks that share the missing chunks; rank 0 merges them and returns the store,
+            the others return None.
 
     Raises:
         CacheMismatchError: ``<split>.parts`` holds work made with other settings.
@@ -303,10 +316,17 @@ def compute_proposals(
     settings, parts = _settings(dataset, config), path.with_suffix(".parts")
     chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
     fp = S.fingerprint({"settings": settings, "ids": ids})
-    S.check_manifest(parts, {"fingerprint": fp, "settings": settings, "chunk_size": chunk_size})
+    manifest = {"fingerprint": fp, "settings": settings, "chunk_size": chunk_size}
+    if dist.main:
+        S.check_manifest(parts, manifest)
+    dist.barrier()
+    if not dist.main:
+        S.check_manifest(parts, manifest)  # rank 0's: checked, not written
     todo = [j for j in range(len(chunks)) if not (parts / f"{j:05d}.npz").is_file()]
-    if len(todo) < len(chunks):
+    dist.barrier()  # every rank has listed the same chunks before any is written
+    if len(todo) < len(chunks) and dist.main:
         log.info("resuming %s: %d of %d chunks done", parts, len(chunks) - len(todo), len(chunks))
+    mine = dist.shard(todo)
     tasks = [
         (
             parts / f"{j:05d}.npz",
@@ -314,10 +334,11 @@ def compute_proposals(
             chunks[j],
             config,
         )
-        for j in todo[:stop_after]
+        for j in mine[:stop_after]
     ]
-    _run_tasks(tasks, workers, progress, desc=f"proposals {dataset.split}")
-    if len(tasks) < len(todo):
+    _run_tasks(tasks, workers, progress and dist.main, desc=f"proposals {dataset.split}")
+    dist.barrier()
+    if len(tasks) < len(mine) or not dist.main:
         return None
     boxes, seconds = _merge_parts(parts, chunks)
     pset = _finish(dataset, settings, boxes, path, {"kind": "computed", "seconds_total": seconds})

@@ -29,6 +29,7 @@ from sppdet.configutil import merge, to_dict
 from sppdet.datasets import Dataset, load_voc
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
+from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
@@ -350,8 +351,11 @@ class Run:
         classes = self.stored_path("data", "classes")
         return load_voc(root, split, year=d.year, classes=classes, limit=lim)
 
-    def proposals(self, dataset: Dataset, import_path: str | None = None) -> ProposalSet:
-        """Proposals of ``dataset`` (imported from the run's file if one is configured)."""
+    def proposals(
+        self, dataset: Dataset, import_path: str | None = None, *, dist: Dist = SINGLE
+    ) -> ProposalSet:
+        """Proposals of ``dataset`` (imported from the run's file if one is configured);
+        ``dist``: computed by several processes (:mod:`sppdet.distributed`)."""
         path = import_path if import_path is not None else self.stored_path("data", "proposals")
         return ensure_proposals(
             dataset,
@@ -359,6 +363,7 @@ class Run:
             self.root,
             workers=self.config.workers,
             import_path=path,
+            dist=dist,
         )
 
     @cached_property
@@ -379,7 +384,7 @@ class Run:
         return self.extractor.with_top(state, "finetuned:sha256:" + file_sha256(path))
 
     def provider(
-        self, dataset: Dataset, *, tuned: bool = False, cache: bool = True
+        self, dataset: Dataset, *, tuned: bool = False, cache: bool = True, dist: Dist = SINGLE
     ) -> WindowFeatures:
         """Window features of ``dataset``'s split (:func:`~sppdet.window_features.window_features`:
         cached conv maps in SPP mode, warped crops in R-CNN mode).
@@ -396,7 +401,7 @@ class Run:
         provider = window_features(self.extractor, self.config.spp, root, tuned=tuned_ext)
         if root is not None:
             index = ImageIndex(root / INDEX_FILE, f"cached {provider.STORED} in {root}")
-            index.verify((r.image_id, r.path) for r in dataset)
+            index.verify([(r.image_id, r.path) for r in dataset], dist)
         return provider
 
     def path(self, *parts: str) -> Path:
