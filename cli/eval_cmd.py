@@ -105,12 +105,12 @@ def command(
         dist = init_from_env()  # torchrun: the images are sharded over the processes
         run, source = main_first(dist, lambda: open_run_or_model(run_dir, model, out_dir, devkit))
         test = fast_test(speed)
-        args = (run, source, devkit, split, limit, json_out, test)
+        opts = {"devkit": str(devkit), "limit": limit, "cache_maps": not no_cache, "dist": dist}
         if ablations:
-            _eval_ablations(*args, fast_path, not no_cache, dist)
+            _eval_ablations(run, source, split, test, fast_path, json_out, opts)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
-        _eval_run(*args, name, not no_cache, dist)
+        _eval_run(run, source, split, test, name, json_out, opts)
         return
     dataset = load_voc(devkit, split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
@@ -139,25 +139,17 @@ def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
     return model_run(source, root, devkit=devkit), source
 
 
-def _eval_run(run, source, devkit, split, limit, json_out, test, name, cache_maps, dist):
+def _eval_run(run, source, split, test, name, json_out, opts):
     from sppdet.evaluate import evaluate_run
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
     run, source = with_test(run, source, test)
-    result, summary = evaluate_run(
-        run,
-        split,
-        devkit=str(devkit),
-        limit=limit,
-        out_name=name,
-        source=source,
-        cache_maps=cache_maps,
-        dist=dist,
-    )
-    if not dist.main:
+    out = evaluate_run(run, split, out_name=name, source=source, **opts)
+    if out is None:  # another rank than 0 (torchrun): rank 0 reports
         return
+    result, summary = out
     click.echo(format_ap_table(result))
     t = summary["seconds_per_image"]
     click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
@@ -165,7 +157,7 @@ def _eval_run(run, source, devkit, split, limit, json_out, test, name, cache_map
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path, cache_maps, dist):
+def _eval_ablations(run, source, split, test, fast_path, json_out, opts):
     from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
@@ -175,17 +167,8 @@ def _eval_ablations(run, source, devkit, split, limit, json_out, test, fast_path
     parts = run if source is None else source
     found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}
     variants = {f"{split}_{k}": v for k, v in found.items()}
-    results = evaluate_variants(
-        run,
-        split,
-        variants,
-        devkit=str(devkit),
-        limit=limit,
-        source=source,
-        cache_maps=cache_maps,
-        dist=dist,
-    )
-    if not dist.main:
+    results = evaluate_variants(run, split, variants, source=source, **opts)
+    if not results:  # another rank than 0 (torchrun): rank 0 reports
         return
     rows = []
     for name, (result, summary) in results.items():
