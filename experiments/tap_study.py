@@ -1,4 +1,5 @@
-"""The tap / conv fine-tuning table of issue 17 on the 300 -> 300 protocol.
+"""The tap / conv fine-tuning table of issue 17 on the 300 -> 300 protocol (or any rows of
+trained runs: ``--protocol`` says what they are, e.g. the SVM study on the full data).
 
 Each row is one trained run (first 300 VOC2007 train images -> first 300 val images, 1 scale):
 its ``eval --ablations`` results (``RUN/eval/val_*/eval.json``) and fine-tuning metrics. A row
@@ -38,6 +39,11 @@ def parse_args() -> argparse.Namespace:
         default="val",
         help="Evaluated split (RUN/eval/<split>_*; train: the rows on "
         "the run's own training images, to see what generalises).",
+    )
+    p.add_argument(
+        "--protocol",
+        default="VOC2007 first 300 train -> first 300 val, 1 scale (688)",
+        help="What the rows' runs trained and evaluated on, in words (recorded).",
     )
     return p.parse_args()
 
@@ -85,7 +91,7 @@ def main() -> int:
     args = parse_args()
     rows = [row(*spec.split("=", 1), split=args.split) for spec in args.row]
     out = {
-        "protocol": "VOC2007 first 300 train -> first 300 val, 1 scale (688)",
+        "protocol": args.protocol,
         "split": args.split,
         "command": shlex.join(["python", "-m", "experiments.tap_study", *sys.argv[1:]]),
         "rows": rows,

@@ -22,11 +22,13 @@ row() {  # row NAME CONFIG [pool5]
 }
 
 # two lanes of one thread each (the rows are independent)
-(row mnv2 configs/tap_mnv2_300.yaml pool5; row d17_conv4 configs/tap_d17_conv4_300.yaml) &
+(row mnv2 configs/tap_mnv2_300.yaml pool5; row d17_conv4 configs/tap_d17_conv4_300.yaml
+ row lite0 configs/tap_lite0_300.yaml pool5) &
 (row d17 configs/tap_d17_300.yaml pool5; row d17_conv4_lr4 configs/tap_d17_conv4_lr4_300.yaml)
 wait
 "$BIN/python" -m experiments.tap_study --out results/tap_study_voc300.json \
     --row "features[13] (96 ch), conv frozen=$RUNS/mnv2" \
     --row "features[17] dilated (320 ch), conv frozen=$RUNS/d17" \
     --row "features[17] dilated, features[14..17] fine-tuned=$RUNS/d17_conv4,$RUNS/d17" \
-    --row "features[17] dilated, features[14..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv4_lr4,$RUNS/d17"
+    --row "features[17] dilated, features[14..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv4_lr4,$RUNS/d17" \
+    --row "EfficientNet-Lite0 dilated (320 ch), conv frozen=$RUNS/lite0"
