@@ -161,15 +161,20 @@ def open_run(run_dir, mode: str | None = None):
 def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
     """Fine-tune fc6/fc7/classifier on SPP vectors (and with --conv-blocks the top conv
     blocks); the settings given here are written to the run's config.yaml."""
-    from sppdet_cli.distributed import single_process_only
-
-    single_process_only("finetune")
-
+    from sppdet.run import Run
     from sppdet.train import run_finetune
+    from sppdet_cli.distributed import init_from_env, main_first
 
-    run = open_run(run_dir, mode).with_finetune(conv_blocks=conv_blocks, conv_lr=conv_lr)
-    m = run_finetune(run, progress=not quiet)
-    click.echo(f"finetune: loss {m['final_loss']:.3f}, held-out accuracy {m['heldout_accuracy']}")
+    # torchrun: each step's images are split over the processes (gloo or nccl: the run's device)
+    dist = init_from_env(Run.open(run_dir).config.device)
+    run = main_first(
+        dist,
+        lambda: open_run(run_dir, mode).with_finetune(conv_blocks=conv_blocks, conv_lr=conv_lr),
+    )
+    m = run_finetune(run, progress=not quiet, dist=dist)
+    if dist.main:
+        loss, acc = m["final_loss"], m["heldout_accuracy"]
+        click.echo(f"finetune: loss {loss:.3f}, held-out accuracy {acc}")
 
 
 @click.command("train-svm")

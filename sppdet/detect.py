@@ -209,7 +209,7 @@ class Detector:
     Args:
         extractor: backbone + scales (with the fine-tuned top blocks, if any).
         spp: window mapping / pyramid config.
-        head: fine-tuned :class:`~sppdet.finetune.FCHead` (``None`` only for pool5 SVMs).
+        head: fine-tuned :class:`~sppdet.head.FCHead` (``None`` only for pool5 SVMs).
         svms: :class:`~sppdet.svm.LinearSVMs` (``None`` with ``scorer="softmax"``); detection
             calls its ``scores_tensor(Tensor[N, D]) -> Tensor[N, K]``.
         bbox: box regressor with ``predict_rows(features, rows, boxes, labels) -> [M, 4]``

@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
 
 
 class CompressedHead(nn.Module):
-    """An eval-only :class:`~sppdet.finetune.FCHead` with fc6 / fc7 replaced by their truncated
+    """An eval-only :class:`~sppdet.head.FCHead` with fc6 / fc7 replaced by their truncated
     SVDs (``rank`` 0 keeps a layer exact) and the input standardisation folded into fc6; with
     ``int8`` each fc6 / fc7 matmul (the SVD factors too) runs as :class:`Int8Linear`.
 

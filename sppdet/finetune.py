@@ -25,19 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError
 from sppdet.features import SPPConfig
+from sppdet.head import FCHead
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
 from sppdet.window_features import WindowFeatures
 from sppdet.windows import label_windows
 
 log = logging.getLogger(__name__)
-
-LAYERS = ("pool5", "fc6", "fc7")
 
 
 @dataclass(frozen=True)
@@ -72,69 +73,6 @@ class FinetuneConfig:
     # (Fast R-CNN 4.5: the largest single gain); at most features.top_blocks. 0 = frozen (SPP)
     conv_lr: float = 0.001  # their learning rate (ImageNet-trained, so below the new fc's lr);
     # x0.1 at the same lr_steps
-
-
-class FCHead(nn.Module):
-    """fc6 -> fc7 -> (K + 1)-way classifier on SPP vectors: ``Tensor[N, D] -> Tensor[N, K+1]``.
-
-    No ImageNet fc layers exist for our backbones, so fc6/fc7 start from scratch, drawn from
-    N(0, 2 / fan_in) (He et al. 2015, for ReLU layers). PyTorch's default (uniform, about 2.4x
-    smaller) was measured worse: on MobileNetV2 SPP vectors the logits then started near 0.03
-    and a 300-image run stayed at the all-background accuracy for 1,000 steps.
-    The classifier is Gaussian with sigma 0.01 as SPEC section 5 says for fc8.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        hidden: int,
-        num_classes: int,
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__()
-        self.in_dim, self.hidden, self.num_classes = in_dim, hidden, num_classes
-        self.fc6 = nn.Linear(in_dim, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
-        self.cls = nn.Linear(hidden, num_classes + 1)
-        self.drop = nn.Dropout(dropout)
-        self.register_buffer("in_mean", torch.zeros(in_dim))
-        self.register_buffer("in_std", torch.ones(in_dim))
-        for fc in (self.fc6, self.fc7):
-            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
-            nn.init.zeros_(fc.bias)
-        nn.init.normal_(self.cls.weight, std=0.01)
-        nn.init.zeros_(self.cls.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.drop(torch.relu(self.fc6(self.standardize(x))))
-        x = self.drop(torch.relu(self.fc7(x)))
-        return self.cls(x)
-
-    def embed(self, x: Tensor, layer: str) -> Tensor:
-        """Activations (after ReLU) of ``layer`` in :data:`LAYERS`; dropout is not applied."""
-        if layer == "pool5":
-            return x
-        x = torch.relu(self.fc6(self.standardize(x)))
-        return x if layer == "fc6" else torch.relu(self.fc7(x))
-
-    def standardize(self, x: Tensor) -> Tensor:
-        """``(x - in_mean) / in_std``: per-dimension input scaling (identity until fitted)."""
-        return (x - self.in_mean) / self.in_std
-
-    @torch.no_grad()
-    def fit_standardization(self, x: Tensor) -> None:
-        """Set ``in_mean`` / ``in_std`` from sample SPP vectors ``Tensor[N, D]``.
-
-        Why: SPP vectors are max-pooled, so every dimension is mostly positive (MobileNetV2
-        features[13]: mean 0.69, std 0.53). Uncentred inputs make fc6's gradients share one sign
-        and SGD at lr 0.01 sent the from-scratch head to "all background" on a 300-image VOC run;
-        with standardised inputs it fit (train accuracy 0.88 vs 0.76 in the same 300 steps).
-        """
-        self.in_mean.copy_(x.mean(0))
-        self.in_std.copy_(x.std(0).clamp(min=1e-3))  # constant dims (e.g. always 0) stay finite
-
-    def config(self) -> dict:
-        return {"in_dim": self.in_dim, "hidden": self.hidden, "num_classes": self.num_classes}
 
 
 @dataclass(frozen=True)
@@ -231,24 +169,44 @@ class _Batcher:
         self.top: ConvTop | None = top
 
     def batch(self, rng: np.random.Generator, pool: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``(X [B, D], y [B])``: a mini-batch of windows of a few images of ``pool``."""
+        x, y, _, _ = self.batch_rows(rng, pool, SINGLE)
+        return x, y
+
+    def batch_rows(
+        self, rng: np.random.Generator, pool: Sequence[int], dist: Dist
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """This rank's part of :meth:`batch`: ``(X, y, rows, B)``, the windows of the batch's
+        images ``k`` with ``k % world == rank`` (every rank draws every image's windows, flip
+        and scale, so the draws stay those of one process), ``rows`` their positions among the
+        ``B`` rows of the whole batch."""
         cfg = self.cfg
         chosen = rng.choice(len(pool), min(cfg.images_per_batch, len(pool)), replace=False)
         per_img = math.ceil(cfg.batch_size / len(chosen))
         fg_img = math.ceil(cfg.batch_size * cfg.fg_fraction / len(chosen))
-        xs, ys = [], []
-        for j in chosen:
+        xs, ys, rows, start = [], [], [], 0
+        for k, j in enumerate(chosen):
             w = self.windows[pool[j]]
             idx = _sample(rng, w, per_img, fg_img)
             flip = bool(cfg.flip and rng.random() < 0.5)
-            xs.append(self._pool(w, idx, flip, rng))
-            ys.append(torch.from_numpy(w.labels[idx]))
-        x, y = torch.cat(xs)[: cfg.batch_size], torch.cat(ys)[: cfg.batch_size]
-        return x, y.to(x.device)
+            scales = self.provider.extractor.config.scales
+            scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
+            idx = idx[: max(0, cfg.batch_size - start)]  # the batch keeps its first rows
+            if len(idx) and k % dist.world == dist.rank:
+                xs.append(self._pool(w, idx, flip, scale))
+                ys.append(torch.from_numpy(w.labels[idx]))
+                rows.append(torch.arange(start, start + len(idx)))
+            start += len(idx)
+        if not xs:  # more ranks than images this step: no rows, same collective calls
+            dim = self.provider.extractor.spec.channels * sum(n * n for n in self.spp.levels)
+            device = self.provider.extractor.device
+            empty = torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, dim, device=device), empty.to(device), empty, start
+        x = torch.cat(xs)
+        return x, torch.cat(ys).to(x.device), torch.cat(rows).to(x.device), start
 
-    def _pool(self, w: _ImageWindows, idx: np.ndarray, flip: bool, rng) -> Tensor:
+    def _pool(self, w: _ImageWindows, idx: np.ndarray, flip: bool, scale: int) -> Tensor:
         rec = self.records[w.index]
-        scales = self.provider.extractor.config.scales
-        scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
         return self.provider.pool5(
             rec.image_id,
             (rec.height, rec.width),
@@ -278,8 +236,14 @@ def finetune(
     out_dir: str | Path,
     *,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> dict:
     """Train the fc head; resumable from ``out_dir/checkpoint.pt``; writes ``out_dir/model.pt``.
+
+    With several ranks (``dist``, :mod:`sppdet.distributed`) each step's images are split over
+    them and their gradients summed: the steps of one process, up to float rounding. Every
+    rank holds the model; rank 0 writes the log, checkpoints and model (the others return
+    ``{}``).
 
     Args:
         records: training :class:`~sppdet.datasets.ImageRecord` s.
@@ -324,7 +288,18 @@ def finetune(
             sample = [batcher.batch(rng, train)[0] for _ in range(cfg.standardize_batches)]
         model.fit_standardization(torch.cat(sample))
     heldout = _heldout_source(batcher, held, cfg)
-    return _train_loop(model, opt, batcher, train, heldout, cfg, out, (start, resumed), progress)
+    return _train_loop(
+        model,
+        opt,
+        batcher,
+        train,
+        heldout,
+        cfg,
+        out,
+        (start, resumed),
+        progress and dist.main,
+        dist,
+    )
 
 
 def _heldout_source(batcher: _Batcher, held: list[int], cfg):
@@ -378,7 +353,7 @@ def _accuracy(model: FCHead, x: Tensor | None, y: Tensor | None) -> float | None
     return acc
 
 
-def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, progress):
+def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, progress, dist):
     log_path = out / "log.jsonl"
     start, resumed = start
     # The running loss, last accuracy and elapsed time continue across a resume, so the log
@@ -394,20 +369,16 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
-        x, y = batcher.batch(np.random.default_rng((cfg.seed, step)), train)
-        torch.manual_seed(cfg.seed + step)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
+        rng = np.random.default_rng((cfg.seed, step))
+        value = _step(model, opt, batcher, rng, train, cfg.seed + step, dist)
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.iterations:
-            acc = _accuracy(model, *heldout())
-            _append_log(log_path, {"step": done, "loss": loss_avg, "heldout_acc": acc})
+            acc = _accuracy(model, *heldout())  # every rank: the same value, no collective
+            if dist.main:
+                _append_log(log_path, {"step": done, "loss": loss_avg, "heldout_acc": acc})
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=acc if acc is None else f"{acc:.3f}")
-        if done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+        if done % cfg.checkpoint_every == 0 and done < cfg.iterations and dist.main:
             state = {
                 "model": model.state_dict(),
                 **({"conv": top.state_dict()} if top is not None else {}),
@@ -419,6 +390,9 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
             }
             atomic_torch_save(state, out / "checkpoint.pt")
     model.eval()
+    if not dist.main:  # rank 0 saves the model every rank holds
+        dist.barrier()
+        return {}
     saved = {"model": model.state_dict(), "config": model.config()}
     if top is not None:
         # every top block (trained or not), keyed as the extractor's top_module
@@ -433,24 +407,39 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
     }
     atomic_write_json(out / "metrics.json", metrics)
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    dist.barrier()
     return metrics
+
+
+def _step(model, opt, batcher: _Batcher, rng, train, seed: int, dist: Dist) -> float:
+    """One SGD step; returns its loss. With several ranks each takes its images' windows, the
+    summed gradients divided by the whole batch's rows: the step of one process (what
+    DistributedDataParallel does, without its buckets; a rank may have no rows)."""
+    if dist.world == 1:
+        x, y = batcher.batch(rng, train)
+        torch.manual_seed(seed)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    x, y, rows, total = batcher.batch_rows(rng, train, dist)
+    torch.manual_seed(seed)
+    logits = model(x, rows=(rows, total))
+    loss = nn.functional.cross_entropy(logits, y, reduction="sum") / total
+    opt.zero_grad(set_to_none=False)  # zeros, not None: every rank sends every gradient
+    loss.backward()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            tdist.all_reduce(p.grad)
+    opt.step()
+    value = loss.detach().reshape(1)
+    tdist.all_reduce(value)
+    return value.item()
 
 
 def _append_log(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def load_trunk_top(path: str | Path) -> dict | None:
-    """The fine-tuned top blocks' state saved by :func:`finetune` (None: conv was frozen)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("trunk_top")
-
-
-def load_head(path: str | Path, device: torch.device | str = "cpu") -> FCHead:
-    """Load a fine-tuned head saved by :func:`finetune` (``weights_only=True``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = state["config"]
-    head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
-    head.load_state_dict(state["model"])
-    return head.to(device).eval()

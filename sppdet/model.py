@@ -22,7 +22,7 @@ from sppdet.bbox_reg import BBoxRegressor
 from sppdet.detect import Detector, TestConfig
 from sppdet.errors import SppdetError
 from sppdet.features import FeatureExtractor
-from sppdet.finetune import FCHead, load_head
+from sppdet.head import FCHead, load_head
 from sppdet.proposals import propose
 from sppdet.run import Run
 from sppdet.storage import read_json

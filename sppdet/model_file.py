@@ -45,7 +45,7 @@ from sppdet.device import resolve_device
 from sppdet.errors import SppdetError
 from sppdet.fastpath import quantize_rows
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
-from sppdet.finetune import FCHead
+from sppdet.head import FCHead
 from sppdet.model import head_path, load_bbox, load_svms, run_classes, trained_parts
 from sppdet.proposals import ProposalConfig
 from sppdet.run import DataConfig, Run, RunConfig

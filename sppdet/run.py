@@ -33,7 +33,8 @@ from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import CacheMismatchError, ConfigError, SppdetError
 from sppdet.fastpath import resolve_conv_dtype
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
-from sppdet.finetune import FinetuneConfig, load_trunk_top
+from sppdet.finetune import FinetuneConfig
+from sppdet.head import load_trunk_top
 from sppdet.image_identity import INDEX_FILE, ImageIndex
 from sppdet.proposal_store import ProposalSet, ensure_proposals
 from sppdet.proposals import ProposalConfig

@@ -12,6 +12,7 @@ import logging
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from tqdm import tqdm
 
 from sppdet.bbox_train import BBoxRegTrainer
 from sppdet.configutil import to_dict
+from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import DataError, SppdetError
-from sppdet.finetune import LAYERS, FCHead, finetune, load_head
+from sppdet.finetune import finetune
+from sppdet.head import LAYERS, FCHead, load_head
 from sppdet.imageio import load_image
 from sppdet.locks import writing
 from sppdet.run import Run
@@ -87,27 +90,29 @@ def _tuned_trunk(run: Run) -> bool:
     return run.config.features.mode == "spp" and run.config.finetune.conv_blocks > 0
 
 
-def run_finetune(run: Run, *, progress: bool = True) -> dict:
-    """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config)."""
-    with writing(run.root, "finetune"):
-        return _run_finetune(run, progress)
+def run_finetune(run: Run, *, progress: bool = True, dist: Dist = SINGLE) -> dict:
+    """Fine-tune the fc head (skips if ``finetune/model.pt`` exists for this config); ``dist``:
+    each step's images split over its ranks (:func:`~sppdet.finetune.finetune`)."""
+    with writing(run.root, "finetune") if dist.main else nullcontext():
+        return _run_finetune(run, progress, dist)
 
 
-def _run_finetune(run: Run, progress: bool) -> dict:
+def _run_finetune(run: Run, progress: bool, dist: Dist) -> dict:
     out = run.path("finetune")
     if (done := _done(run, out, "finetune", "model.pt", "metrics.json", bound=False)) is not None:
         return done
     ds = run.dataset()
-    props = run.proposals(ds)
+    props = run.proposals(ds, dist=dist)
     return finetune(
         ds.records,
         props,
-        run.provider(ds),
+        run.provider(ds, dist=dist),
         run.config.spp,
         len(ds.classes),
         run.config.finetune,
         out,
         progress=progress,
+        dist=dist,
     )
 
 

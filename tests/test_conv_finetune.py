@@ -20,7 +20,8 @@ import sppdet.finetune as ft
 from sppdet.backbones import BackboneSpec
 from sppdet.errors import ConfigError
 from sppdet.features import ScaleMap, SPPConfig
-from sppdet.finetune import ConvTop, FinetuneConfig, finetune, load_trunk_top
+from sppdet.finetune import ConvTop, FinetuneConfig, finetune
+from sppdet.head import load_trunk_top
 from sppdet.window_features import MapProvider
 from tests.test_finetune import SimulatedKillError, dataset
 

@@ -20,7 +20,7 @@ from sppdet.detect import SCORERS, STAGES, Detections, Detector
 from sppdet.detect import TestConfig as DetConfig  # not "Test*": pytest would collect it
 from sppdet.fastpath import CompressedHead
 from sppdet.features import FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig, pool_windows
-from sppdet.finetune import FCHead
+from sppdet.head import FCHead
 from sppdet.timing import StageTimer
 
 H, W = 96, 128  # image size (non-square, so a swapped width/height would show)

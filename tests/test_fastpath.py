@@ -34,7 +34,7 @@ from sppdet.features import (
     pool_windows,
     unique_windows,
 )
-from sppdet.finetune import FCHead
+from sppdet.head import FCHead
 from sppdet.spp import spp_pool
 
 

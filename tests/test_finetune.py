@@ -20,7 +20,8 @@ import sppdet.finetune as ft
 from sppdet.backbones import BackboneSpec
 from sppdet.datasets import ImageRecord
 from sppdet.features import ScaleMap, SPPConfig
-from sppdet.finetune import LAYERS, FCHead, FinetuneConfig, finetune, load_head
+from sppdet.finetune import FinetuneConfig, finetune
+from sppdet.head import LAYERS, FCHead, load_head
 from sppdet.window_features import MapProvider
 
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=0.0, tap="test", torchvision_model=None)
