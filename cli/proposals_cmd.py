@@ -56,11 +56,8 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
     import json
 
     from sppdet.datasets import load_voc
-    from sppdet.proposal_store import (
-        ensure_proposals,
-        read_stats,
-        store_path,
-    )
+    from sppdet.proposal_sources import ensure_proposals
+    from sppdet.proposal_store import read_stats, store_path
     from sppdet.proposals import ProposalConfig
     from sppdet.recall import proposal_recall, write_recall_report
     from sppdet.storage import git_commit

@@ -36,7 +36,8 @@ from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.finetune import FinetuneConfig
 from sppdet.head import load_trunk_top
 from sppdet.image_identity import INDEX_FILE, ImageIndex
-from sppdet.proposal_store import ProposalSet, ensure_proposals
+from sppdet.proposal_sources import ensure_proposals
+from sppdet.proposal_store import ProposalSet
 from sppdet.proposals import ProposalConfig
 from sppdet.run_paths import absolute_paths, check_paths_exist, is_path, stored_path
 from sppdet.storage import (

@@ -13,11 +13,9 @@ from scipy.io import savemat
 from sppdet import boxes as B
 from sppdet.datasets import Dataset, ImageRecord
 from sppdet.errors import CacheMismatchError, DataError
+from sppdet.proposal_sources import compute_proposals, ensure_proposals, import_proposals
 from sppdet.proposal_store import (
     ProposalSet,
-    compute_proposals,
-    ensure_proposals,
-    import_proposals,
     load_proposal_set,
     read_stats,
     save_proposal_set,
@@ -92,7 +90,7 @@ def test_reuse_and_refuse(tmp_path, monkeypatch):
     run = tmp_path / "run"
     first = ensure_proposals(ds, CONFIG, run, progress=False)
 
-    import sppdet.proposal_store as store
+    import sppdet.proposal_sources as store
 
     monkeypatch.setattr(store, "compute_proposals", lambda *a, **k: pytest.fail("recomputed"))
     again = ensure_proposals(ds, CONFIG, run, progress=False)
