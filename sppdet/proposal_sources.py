@@ -31,11 +31,22 @@ from sppdet.proposal_store import (
 from sppdet.proposals import ProposalConfig, backend_version, propose
 from sppdet.workers import run_in_workers
 
-__all__ = ["ensure_proposals", "compute_proposals", "import_proposals"]
+__all__ = ["ensure_proposals", "compute_proposals", "import_proposals", "chunk_size_for"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 16  # images per part file: the unit of work and of resumption
+CHUNK_SIZE = 16  # most images per part file: the unit of work and of resumption
+# Fewest part files a split is cut into (while it has that many images): the chunks are shared
+# over worker processes and torchrun ranks, so 40 images in 16-image chunks (3 chunks) left one
+# of two ranks with 24 images; 64 chunks keep ranks within one small chunk of each other.
+MIN_CHUNKS = 64
+
+
+def chunk_size_for(n_images: int) -> int:
+    """Images per part file for a split of ``n_images``: at most :data:`CHUNK_SIZE`, small
+    enough for at least :data:`MIN_CHUNKS` chunks. It depends on the split alone (not on the
+    number of processes), so a run resumed with another ``--nproc-per-node`` finds its chunks."""
+    return max(1, min(CHUNK_SIZE, n_images // MIN_CHUNKS))
 
 
 def ensure_proposals(
@@ -146,7 +157,7 @@ def compute_proposals(
     path: str | os.PathLike,
     *,
     workers: int = 1,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     dist: Dist = SINGLE,
@@ -158,7 +169,7 @@ def compute_proposals(
 
     Args:
         workers: processes (1: this process); each runs OpenCV on one thread.
-        chunk_size: images per part file.
+        chunk_size: images per part file (None: :func:`chunk_size_for` the split).
         stop_after: compute at most this many missing chunks and return None if some are left
             (what a killed run leaves behind; for tests).
         dist: ranks that share the missing chunks; rank 0 merges them and returns the store,
@@ -167,7 +178,8 @@ def compute_proposals(
     Raises:
         CacheMismatchError: ``<split>.parts`` holds work made with other settings.
     """
-    path, ids = Path(path), list(dataset.image_ids)
+    t0, path, ids = time.perf_counter(), Path(path), list(dataset.image_ids)
+    chunk_size = chunk_size or chunk_size_for(len(ids))
     settings, parts = _settings(dataset, config), path.with_suffix(".parts")
     chunks = [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)]
     fp = S.fingerprint({"settings": settings, "ids": ids})
@@ -196,9 +208,9 @@ def compute_proposals(
     if len(tasks) < len(mine) or not dist.main:
         return None
     boxes, seconds = _merge_parts(parts, chunks)
-    pset = write_store(
-        dataset, settings, boxes, path, {"kind": "computed", "seconds_total": seconds}
-    )
+    # wall_seconds: this call's, all ranks (a resumed computation's covers the rest only)
+    stats = {"kind": "computed", "seconds_total": seconds, "wall_seconds": time.perf_counter() - t0}
+    pset = write_store(dataset, settings, boxes, path, stats)
     shutil.rmtree(parts, ignore_errors=True)
     log.info("wrote %s (%d images, %d boxes)", path, len(ids), len(pset.boxes))
     return pset

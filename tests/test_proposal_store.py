@@ -12,8 +12,14 @@ from scipy.io import savemat
 
 from sppdet import boxes as B
 from sppdet.datasets import Dataset, ImageRecord
+from sppdet.distributed import Dist
 from sppdet.errors import CacheMismatchError, DataError
-from sppdet.proposal_sources import compute_proposals, ensure_proposals, import_proposals
+from sppdet.proposal_sources import (
+    chunk_size_for,
+    compute_proposals,
+    ensure_proposals,
+    import_proposals,
+)
 from sppdet.proposal_store import (
     ProposalSet,
     load_proposal_set,
@@ -227,3 +233,21 @@ def test_bad_files(tmp_path):
     save_proposal_set(tmp_path / "good.npz", good)
     with pytest.raises(DataError, match="image b"):
         load_proposal_set(tmp_path / "good.npz").boxes_for("b")
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 300, 2500, 5011])
+def test_chunks_balance_ranks(n):
+    """Chunks depend on the split alone and leave two or eight ranks within one chunk's images
+    of each other (16-image chunks had given one of two ranks 24 of 40 images)."""
+    size = chunk_size_for(n)
+    assert 1 <= size <= 16
+    n_chunks = -(-n // size)
+    assert n_chunks >= min(n, 64)
+    for world in (2, 8):
+        loads = [
+            sum(min(size, n - j * size) for j in Dist(r, world).shard(range(n_chunks)))
+            for r in range(world)
+        ]
+        assert sum(loads) == n
+        assert max(loads) - min(loads) <= size
+    assert chunk_size_for(40) == 1 and chunk_size_for(2500) == 16
