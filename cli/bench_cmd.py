@@ -6,14 +6,20 @@ from pathlib import Path
 
 import click
 
+from sppdet_cli.data_options import data_options, data_source
 from sppdet_cli.fast_options import bench_options, fast_test
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @click.command("bench")
-@click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
-@click.option("--split", default="val", show_default=True, help="Split whose images are timed.")
+@data_options
+@click.option(
+    "--split",
+    default="val",
+    show_default=True,
+    help="Split whose images are timed (with --coco: a name for the file's images).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--run", "run_dir", type=_DIR, help="A trained run.")
 @click.option(
@@ -46,6 +52,8 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @bench_options
 def command(
     devkit,
+    coco,
+    images,
     split,
     limit,
     run_dir,
@@ -73,14 +81,16 @@ def command(
         raise click.BadParameter(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if (run_dir is None) == (model is None):
         raise click.UsageError("give exactly one of --run RUN and --model MODEL")
-    run, source = open_run_or_model(run_dir, model, model_dir, devkit, device or "auto")
+    # with --run the data may be the run's own (its devkit); a model file has none
+    data = data_source(devkit, coco, images, required=model is not None)
+    run, source = open_run_or_model(run_dir, model, model_dir, data, device or "auto")
     if device is not None and source is None:  # first: --conv-dtype auto resolves for it
         run = Run(run.root, dataclasses.replace(run.config, device=device))
     run, source = with_test(run, source, fast_test(speed, conv_default="auto"))
     result = bench(
         run,
         split,
-        devkit=str(devkit),
+        data=data,
         limit=limit,
         methods=chosen,
         progress=not quiet,

@@ -1,4 +1,5 @@
-"""``sppdet eval``: VOC2007 AP of detections (comp4 files), devkit-exact."""
+"""``sppdet eval``: VOC2007 AP of detections (comp4 files), devkit-exact; on a COCO json, the
+COCO metrics (pycocotools) and a COCO results file too."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ from pathlib import Path
 import click
 
 from sppdet.detect import SCORERS
+from sppdet_cli.data_options import data_options, data_source
 from sppdet_cli.fast_options import fast_options, fast_test
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @click.command("eval")
-@click.option("--voc2007", is_flag=True, help="Evaluate on a PASCAL VOC2007 split (required).")
-@click.option("--devkit", type=_DIR, required=True, help="VOCdevkit (or VOC2007) directory.")
-@click.option("--split", required=True, help="Split to evaluate, e.g. val.")
+@click.option(
+    "--voc2007",
+    is_flag=True,
+    help="Evaluate a PASCAL VOC2007 split of --devkit with the devkit's rules (11-point AP).",
+)
+@data_options
+@click.option(
+    "--split", help="Split to evaluate, e.g. val (with --coco: a name for its images; default val)."
+)
 @click.option(
     "--detections",
     type=_DIR,
@@ -65,6 +73,8 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 def command(
     voc2007,
     devkit,
+    coco,
+    images,
     split,
     detections,
     run_dir,
@@ -84,15 +94,15 @@ def command(
     no_cache,
     **speed,
 ):
-    """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored)."""
+    """Evaluate detections with the VOC devkit rules (IoU >= 0.5, difficult ignored); with
+    --coco also with pycocotools (AP, AP50, AP75, AP small / medium / large, AR), writing the
+    detections as a COCO results json beside the comp4 files."""
     from sppdet.comp4 import evaluate_comp4_dir
-    from sppdet.datasets import load_voc
     from sppdet.storage import atomic_write_json
     from sppdet.viz import plot_pr_curves
     from sppdet.voc_eval import format_ap_table
 
-    if not voc2007:  # the only benchmark so far; the flag keeps room for others
-        raise click.UsageError("give the benchmark: --voc2007")
+    data, split = _benchmark(voc2007, devkit, coco, images, split)
     if sum(x is not None for x in (detections, run_dir, model)) != 1:
         raise click.UsageError("give exactly one of --detections DIR, --run RUN_DIR, --model FILE")
     if fast_path and not (detections is None and ablations):
@@ -103,28 +113,74 @@ def command(
         from sppdet_cli.distributed import init_from_env, main_first
 
         dist = init_from_env()  # torchrun: the images are sharded over the processes
-        run, source = main_first(dist, lambda: open_run_or_model(run_dir, model, out_dir, devkit))
+        run, source = main_first(dist, lambda: open_run_or_model(run_dir, model, out_dir, data))
         test = fast_test(speed)
-        opts = {"devkit": str(devkit), "limit": limit, "cache_maps": not no_cache, "dist": dist}
+        opts = {"data": data, "limit": limit, "cache_maps": not no_cache, "dist": dist}
         if ablations:
             _eval_ablations(run, source, split, test, fast_path, json_out, opts)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
         _eval_run(run, source, split, test, name, json_out, opts)
         return
-    dataset = load_voc(devkit, split, classes=classes, limit=limit)
+    dataset = data.load(split, classes=classes, limit=limit)
     # With --limit the comp4 files may cover the whole split: drop the rest instead of failing.
     result = evaluate_comp4_dir(
         dataset, detections, use_07_metric=not use_2010_metric, strict=limit is None
     )
     click.echo(format_ap_table(result))
+    out = result.to_json()
+    if dataset.coco_annotation is not None:
+        out["coco"] = _coco_of_comp4(dataset, detections, limit, json_out)
     if json_out is not None:
-        atomic_write_json(json_out, result.to_json())
+        atomic_write_json(json_out, out)
     if plots is not None:
         plot_pr_curves(result.per_class, plots / "pr_curves.png")
 
 
-def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
+def _benchmark(voc2007, devkit, coco, images, split):
+    """``(data, split)``: the data to evaluate on and its split name, checked."""
+    data = data_source(devkit, coco, images, required=False)
+    if data is not None and data.is_coco:
+        if voc2007:
+            raise click.UsageError(
+                "--voc2007 evaluates a VOC devkit (--devkit); on --coco data eval reports the "
+                "COCO metrics and the VOC07 AP together"
+            )
+        return data, split or "val"
+    if not voc2007:  # the flag keeps room for other VOC benchmarks
+        raise click.UsageError("give the benchmark: --voc2007 --devkit DIR, or --coco FILE")
+    if data is None:
+        raise click.UsageError("--voc2007 needs the devkit: --devkit DIR")
+    if split is None:
+        raise click.UsageError("give the split: --split, e.g. val")
+    return data, split
+
+
+def _coco_of_comp4(dataset, directory, limit, json_out) -> dict:
+    """COCO metrics of a comp4 directory on a COCO dataset; its COCO results json is written
+    beside ``json_out`` (when given: the detections' directory is the user's input)."""
+    from sppdet.coco_eval import COCO_RESULTS, evaluate_coco, write_coco_results
+    from sppdet.comp4 import read_comp4
+
+    dets = read_comp4(
+        directory, dataset.split, dataset.classes, image_ids=dataset.image_ids, strict=limit is None
+    )
+    if json_out is None:
+        stats = evaluate_coco(dataset, dets)
+    else:
+        stats = write_coco_results(dataset, dets, Path(json_out).with_name(COCO_RESULTS))
+    _echo_coco(stats)
+    return stats
+
+
+def _echo_coco(stats: dict | None, prefix: str = "COCO") -> None:
+    """One line of the 12 COCO numbers (percent), when there are any."""
+    if stats:  # -1: no ground truth in that size range (pycocotools' convention)
+        cells = (f"{k} {100 * v:.1f}" if v >= 0 else f"{k} n/a" for k, v in stats.items())
+        click.echo(f"{prefix}: " + ", ".join(cells))
+
+
+def open_run_or_model(run_dir, model, out_dir, data, device: str = "auto"):
     """``(run, source)``: the run directory and where its trained parts come from (None: the
     run itself; with ``--model``: the model file, its run a directory for proposals and
     outputs)."""
@@ -136,7 +192,7 @@ def open_run_or_model(run_dir, model, out_dir, devkit, device: str = "auto"):
 
     source = read_model(model, device)
     root = out_dir if out_dir is not None else Path("runs") / model.stem
-    return model_run(source, root, devkit=devkit), source
+    return model_run(source, root, data=data), source
 
 
 def _eval_run(run, source, split, test, name, json_out, opts):
@@ -151,6 +207,7 @@ def _eval_run(run, source, split, test, name, json_out, opts):
         return
     result, summary = out
     click.echo(format_ap_table(result))
+    _echo_coco(summary.get("coco"))
     t = summary["seconds_per_image"]
     click.echo("seconds/image: " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()))
     if json_out is not None:
@@ -173,6 +230,7 @@ def _eval_ablations(run, source, split, test, fast_path, json_out, opts):
     rows = []
     for name, (result, summary) in results.items():
         click.echo(f"\n== {name}\n" + format_ap_table(result))
+        _echo_coco(summary.get("coco"))
         t = sum(summary["seconds_per_image"].values())
         rows.append(f"{name:<24s} {100 * result.map:6.1f}  {t:7.3f}")
     click.echo(f"\n{'variant':<24s} {'mAP':>6s}  {'s/img':>7s}\n" + "\n".join(rows))

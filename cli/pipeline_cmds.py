@@ -7,6 +7,7 @@ import click
 from sppdet.backbones import BACKBONES
 from sppdet.features import MODES
 from sppdet.scales import FIVE_SCALES
+from sppdet_cli.data_options import data_options, data_source
 
 _PRESETS = {"1": "688", "5": ",".join(map(str, FIVE_SCALES))}
 
@@ -24,8 +25,12 @@ def _scales(value: str | None) -> list[int] | None:
 
 
 @click.command("extract")
-@click.option("--devkit", required=True, type=click.Path(), help="VOCdevkit directory.")
-@click.option("--split", required=True, help="ImageSets/Main split, e.g. train or val.")
+@data_options
+@click.option(
+    "--split",
+    required=True,
+    help="ImageSets/Main split, e.g. train or val; with --coco, a name for the file's images.",
+)
 @click.option("--out", "run_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option(
     "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2_d17)."
@@ -60,6 +65,8 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option("--workers", type=int, help="Processes for proposal computation.")
 def extract_command(
     devkit,
+    coco,
+    images,
     split,
     run_dir,
     backbone,
@@ -77,17 +84,21 @@ def extract_command(
     workers,
 ):
     """Cache proposals and conv feature maps (one conv pass per image and scale; R-CNN mode:
-    the pooled vectors of every proposal and GT box, one conv pass per window)."""
+    the pooled vectors of every proposal and GT box, one conv pass per window).
+
+    The data: --devkit DIR, or --coco FILE --images DIR (one COCO json per split), or the
+    config's data section (data.devkit, or data.coco and data.images for the training split)."""
     import dataclasses
 
     from sppdet.extract import extract
     from sppdet.run import Run, build_config
 
+    given = data_source(devkit, coco, images, required=False)
     cfg = build_config(
         config_path,
         # The training split is never "whichever split was extracted first": a run created by
         # a val extraction (say, beside the train one) would have trained on val.
-        data={"devkit": str(devkit), "train_split": train_split, "proposals": import_path},
+        data={"train_split": train_split, "proposals": import_path},
         features={
             "backbone": backbone,
             "weights": weights,
@@ -103,13 +114,19 @@ def extract_command(
         cfg = dataclasses.replace(cfg, **extra)
     if split == cfg.data.train_split and limit is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
+    cfg, source = _with_data(cfg, given, split)
     from sppdet_cli.distributed import init_from_env, main_first
 
     dist = init_from_env(cfg.device)  # torchrun: the images are sharded over the processes
     run = main_first(
-        dist, lambda: Run.create(run_dir, cfg).settle_training_limit(split, cfg.data.limit)
+        dist,
+        lambda: (
+            Run.create(run_dir, cfg)
+            .settle_training_limit(split, cfg.data.limit)
+            .settle_training_data(split, source)
+        ),
     )
-    summary = extract(run, split, devkit=devkit, limit=limit, dist=dist)
+    summary = extract(run, split, data=source, limit=limit, dist=dist)
     if not dist.main:
         return
     what = summary.get("stored", "images")
@@ -119,6 +136,32 @@ def extract_command(
         f"{summary['computed']} {what} computed "
         f"in {summary['seconds']:.1f} s -> {run.root}"
     )
+
+
+def _with_data(cfg, given, split: str):
+    """``(config, source)``: the config with the data the command gives (a devkit for every
+    split; a COCO json for the training split only: another split's file is not the run's),
+    and the source of ``split`` (the command's, else the config's)."""
+    import dataclasses
+
+    from sppdet.data_source import DataSource
+
+    d = cfg.data
+    if given is None:
+        if d.coco is not None and split != d.train_split:
+            raise click.UsageError(
+                f"data.coco is the {d.train_split} split's file: give {split}'s as --coco FILE"
+            )
+        if d.devkit is None and d.coco is None:
+            raise click.UsageError("give the data: --devkit DIR (VOC) or --coco FILE --images DIR")
+        return cfg, DataSource(devkit=d.devkit, coco=d.coco, images=d.images)
+    if given.is_coco:
+        changes = {"devkit": None, "coco": None, "images": None}
+        if split == d.train_split:
+            changes.update(coco=given.coco, images=given.image_dir)
+    else:
+        changes = {"devkit": given.devkit, "coco": None, "images": None}
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **changes)), given
 
 
 _RUN = click.argument("run_dir", type=click.Path(exists=True, file_okay=False))

@@ -7,16 +7,14 @@ from pathlib import Path
 import click
 
 from sppdet.proposals import BACKENDS, MODES
+from sppdet_cli.data_options import data_options, data_source
 
 
 @click.command("proposals")
+@data_options
 @click.option(
-    "--devkit",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="VOCdevkit (or VOC2007) directory.",
+    "--split", required=True, help="Split, e.g. train, val (with --coco: a name for its images)."
 )
-@click.option("--split", required=True, help="Split, e.g. train, val, trainval.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images of the split.")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Default: ProposalConfig's.")
 @click.option(
@@ -50,12 +48,25 @@ from sppdet.proposals import BACKENDS, MODES
     type=click.Path(dir_okay=False, path_type=Path),
     help="Recall JSON path (implies --recall); the PNG curve goes beside it.",
 )
-def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, recall, json_out):
-    """Selective-search proposals of a VOC split, stored in RUN_DIR (resumable; reused if done)."""
+def command(
+    devkit,
+    coco,
+    images,
+    split,
+    limit,
+    backend,
+    mode,
+    workers,
+    run_dir,
+    import_path,
+    recall,
+    json_out,
+):
+    """Selective-search proposals of a split (a VOC devkit's or a COCO json's), stored in
+    RUN_DIR (resumable; reused if done)."""
     import dataclasses
     import json
 
-    from sppdet.datasets import load_voc
     from sppdet.proposal_sources import ensure_proposals
     from sppdet.proposal_store import read_stats, store_path
     from sppdet.proposals import ProposalConfig
@@ -67,7 +78,7 @@ def command(devkit, split, limit, backend, mode, workers, run_dir, import_path, 
     from sppdet_cli.distributed import init_from_env
 
     dist = init_from_env()  # torchrun: the images are sharded over the processes
-    dataset = load_voc(devkit, split, limit=limit)
+    dataset = data_source(devkit, coco, images).load(split, limit=limit)
     pset = ensure_proposals(
         dataset, config, run_dir, workers=workers, import_path=import_path, dist=dist
     )

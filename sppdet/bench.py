@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.data_source import DataSource
 from sppdet.detect import STAGES, Detector
 from sppdet.features import FeatureConfig, FeatureExtractor
 from sppdet.imageio import load_image
@@ -70,7 +71,7 @@ def bench(
     run: Run,
     split: str,
     *,
-    devkit: str | None = None,
+    data: DataSource | str | None = None,
     limit: int = 10,
     methods: tuple[str, ...] = tuple(METHODS),
     progress: bool = True,
@@ -83,14 +84,15 @@ def bench(
     R-CNN mode runs ``rcnn_batch`` windows per conv pass (default: ``FeatureConfig``'s, the
     fastest measured here, rather than the run's, which only bounded memory at extraction).
     ``source``: a :class:`~sppdet.model_file.ModelFile` whose parts are timed (``run`` is then
-    its :func:`~sppdet.model_file.model_run`), else the run's own.
+    its :func:`~sppdet.model_file.model_run`), else the run's own. ``data``: the split's
+    :class:`~sppdet.data_source.DataSource` (default: the run's, :meth:`Run.data_source`).
 
     Returns:
         A JSON-ready dict with, per method, ``stages`` (seconds per image), ``seconds_per_image``
         (sum over :data:`TIMED`), the ratios ``ratio_1scale`` / ``ratio_5scale`` (R-CNN time
         over SPP time) when both sides ran, and the machine description.
     """
-    ds = run.dataset(split, devkit=devkit, limit=limit)
+    ds = run.dataset(split, data=data, limit=limit)
     if len(ds) == 0:
         raise ValueError(f"split {split} has no images")
     props = run.proposals(ds)

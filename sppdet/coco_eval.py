@@ -11,15 +11,20 @@ import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping
 
 import numpy as np
 
 from sppdet.boxes import to_xywh
 from sppdet.errors import DataError
+from sppdet.storage import atomic_write_json
 from sppdet.voc_eval import Detections
 
 log = logging.getLogger(__name__)
+
+#: Name of the COCO results file written beside the comp4 files (``RUN/eval/<name>/``).
+COCO_RESULTS = "coco_results.json"
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 COCO_STAT_NAMES: tuple[str, ...] = (
@@ -71,16 +76,37 @@ def evaluate_coco(
         DataError: the dataset is not from a COCO json, its categories differ, or a detection is
             on an image outside the dataset.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    annotation, cat_ids = _annotation(dataset)
+    return _summarize(dataset, annotation, _results(dataset, detections, cat_ids), verbose)
 
+
+def write_coco_results(
+    dataset, detections: Mapping[str, Detections], path: str | os.PathLike
+) -> dict[str, float]:
+    """Write ``detections`` as a COCO results json (``[{image_id, category_id, bbox: [x, y, w,
+    h], score}]``, what ``COCO.loadRes`` reads) and return their COCO metrics, as
+    :func:`evaluate_coco` computes them."""
+    annotation, cat_ids = _annotation(dataset)
+    results = _results(dataset, detections, cat_ids)
+    atomic_write_json(path, results)
+    return _summarize(dataset, annotation, results, False)
+
+
+def _annotation(dataset) -> tuple[dict, list[int]]:
+    """The COCO json of ``dataset`` and the category id of each class."""
     if dataset.coco_annotation is None:
         raise DataError(f"dataset {dataset.name} was not loaded from a COCO json")
     path = dataset.coco_annotation
     with open(path, encoding="utf-8") as f:
         annotation = json.load(f)
-    cat_ids = _category_ids(annotation, dataset.classes, path)
-    results = _results(dataset, detections, cat_ids)
+    return annotation, _category_ids(annotation, dataset.classes, path)
+
+
+def _summarize(dataset, annotation: dict, results: list[dict], verbose: bool) -> dict[str, float]:
+    """``COCOeval`` (bbox) of ``results`` on the images of ``dataset``: its 12 numbers."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     if not results:
         log.warning("no detections to evaluate on %s: every COCO metric is 0", dataset.name)
         return dict.fromkeys(COCO_STAT_NAMES, 0.0)

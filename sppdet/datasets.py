@@ -102,6 +102,8 @@ class Dataset:
         root: the VOC year directory (``.../VOC2007``) or the COCO image directory.
         split: split name (``"train"``, ``"val"``, ...).
         coco_annotation: the COCO json the dataset came from (for a COCO evaluator), else None.
+        category_ids: COCO: the category id of each class (label ``i`` is category
+            ``category_ids[i]``); None for VOC.
     """
 
     name: str
@@ -110,6 +112,7 @@ class Dataset:
     root: Path
     split: str
     coco_annotation: Path | None = None
+    category_ids: tuple[int, ...] | None = None
     _by_id: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -380,7 +383,9 @@ def load_coco(
         for i in tqdm(image_ids, desc=f"load coco_{split}", disable=len(image_ids) < _PROGRESS_MIN)
     ]
     notes.warn(f"coco_{split}")
-    return Dataset(f"coco_{split}", classes, tuple(records), image_dir, split, ann_path)
+    return Dataset(
+        f"coco_{split}", classes, tuple(records), image_dir, split, ann_path, tuple(cat_ids)
+    )
 
 
 def _open_coco(path: Path):

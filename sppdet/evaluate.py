@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.coco_eval import COCO_RESULTS, write_coco_results
 from sppdet.comp4 import write_comp4
+from sppdet.data_source import DataSource
 from sppdet.detect import (
     STAGES,
     Detections,
@@ -113,7 +115,7 @@ def evaluate_run(
     run: Run,
     split: str,
     *,
-    devkit: str | None = None,
+    data: DataSource | str | None = None,
     limit: int | None = None,
     out_name: str | None = None,
     progress: bool = True,
@@ -128,7 +130,7 @@ def evaluate_run(
         run,
         split,
         {name: run.config.test},
-        devkit=devkit,
+        data=data,
         limit=limit,
         progress=progress,
         source=source,
@@ -143,7 +145,7 @@ def evaluate_variants(
     split: str,
     variants: dict[str, TestConfig],
     *,
-    devkit: str | None = None,
+    data: DataSource | str | None = None,
     limit: int | None = None,
     progress: bool = True,
     source=None,
@@ -170,12 +172,12 @@ def evaluate_variants(
         for name in variants if dist.main else ():  # one writer of each RUN/eval/<name>
             stack.enter_context(writing(run.root, f"eval-{name}"))
         return _evaluate(
-            run, split, variants, devkit, limit, progress and dist.main, source, cache_maps, dist
+            run, split, variants, data, limit, progress and dist.main, source, cache_maps, dist
         )
 
 
-def _evaluate(run, split, variants, devkit, limit, progress, source, cache_maps, dist) -> dict:
-    ds = run.dataset(split, devkit=devkit, limit=limit)
+def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, dist) -> dict:
+    ds = run.dataset(split, data=data, limit=limit)
     detectors = load_detectors(run if source is None else source, variants, classes=ds.classes)
     props = run.proposals(ds, dist=dist)
     provider = run.provider(ds, cache=cache_maps, dist=dist)
@@ -325,6 +327,9 @@ def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall, maps
     write_comp4(out, split, ds.classes, dets_by_name)
     result = evaluate_detections(ds, dets_by_name)
     plot_pr_curves(result.per_class, out / "pr_curves.png")
+    coco = {}
+    if ds.coco_annotation is not None:  # COCO data: its metrics and a results file too
+        coco = {"coco": write_coco_results(ds, dets_by_name, out / COCO_RESULTS)}
     n = max(len(ds), 1)
     timing = {s: timer.seconds.get(s, 0.0) / n for s in STAGES}
     summary = {
@@ -338,6 +343,7 @@ def _finish(run, ds, split, name, test: TestConfig, per_class, timer, wall, maps
         "fc_dtype": test.fc_dtype,
         "conv_dtype": run.config.features.conv_dtype,
         "conv_maps": maps,
+        **coco,
         "seconds_per_image": timing,
         "wall_seconds": wall,
         "commit": git_commit(),

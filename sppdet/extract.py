@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.data_source import DataSource
 from sppdet.distributed import SINGLE, Dist
 from sppdet.imageio import load_image
 from sppdet.locks import writing
@@ -30,7 +31,7 @@ def extract(
     run: Run,
     split: str,
     *,
-    devkit: str | None = None,
+    data: DataSource | str | None = None,
     limit: int | None = None,
     progress: bool = True,
     dist: Dist = SINGLE,
@@ -39,9 +40,11 @@ def extract(
 
     Maps already in the cache are skipped, so a killed extraction resumes where it stopped and a
     finished one is a no-op. ``dist``: the missing images are sharded over its ranks
-    (:mod:`sppdet.distributed`). Returns a summary dict (totals over the ranks).
+    (:mod:`sppdet.distributed`). ``data``: the split's :class:`~sppdet.data_source.DataSource`
+    (default: the run's, :meth:`~sppdet.run.Run.data_source`). Returns a summary dict (totals
+    over the ranks).
     """
-    dataset = run.dataset(split, devkit=devkit, limit=limit)
+    dataset = run.dataset(split, data=data, limit=limit)
     proposals = run.proposals(dataset, dist=dist)
     n_boxes = sum(len(proposals.boxes_for(r.image_id)) for r in dataset)
     summary = {

@@ -148,9 +148,9 @@ def extractor_for(parts, test: TestConfig) -> FeatureExtractor:
 
 
 def run_classes(run: Run) -> tuple[str, ...]:
-    """Class names: the training split's (when the run knows its devkit), else the ones the
+    """Class names: the training split's (when the run knows its data), else the ones the
     SVMs were trained with."""
-    if run.config.data.devkit:
+    if run.config.data.devkit or run.config.data.coco:
         return run.dataset().classes
     stats = read_json(run.path(f"svm_{run.config.test.layer}", "stats.json"))
     return tuple(stats["classes"])

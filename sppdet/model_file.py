@@ -40,6 +40,7 @@ import torch
 from sppdet.backbones import backbone_spec, build_backbone
 from sppdet.bbox_reg import BBoxRegressor
 from sppdet.configutil import merge, to_dict
+from sppdet.data_source import DataSource
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import SppdetError
@@ -188,6 +189,8 @@ def _provenance(run: Run, eval_name: str | None) -> dict:
     return {
         "training_data": {
             "devkit": d.devkit,
+            "coco": d.coco,
+            "images": d.images,
             "year": d.year,
             "split": d.train_split,
             "limit": d.limit,
@@ -359,16 +362,20 @@ def read_model(path: str | Path, device: str = "auto") -> ModelFile:
     )
 
 
-def model_run(model: ModelFile, root: str | Path, *, devkit: str | Path) -> Run:
+def model_run(model: ModelFile, root: str | Path, *, data: DataSource | str | Path) -> Run:
     """A run directory for evaluating ``model`` on a dataset (``sppdet eval --model``): its
-    proposals, eval outputs and config live in ``root``; its extractors are the model's. The
+    proposals, eval outputs and config live in ``root``; its extractors are the model's.
+    ``data``: a devkit path or a :class:`~sppdet.data_source.DataSource` (a COCO one is not
+    stored: the commands give it to each stage, as they give a run another split's). The
     proposals are imported from the file the model was trained with when it is here (e.g. a
     VOC07 trainval import), else computed with the model's proposal settings."""
     imported = model.provenance.get("training_data", {}).get("proposals")
     if imported is not None and not Path(imported).is_file():
         imported = None
+    if isinstance(data, DataSource) and data.is_coco:
+        imported = None  # a VOC proposal file has none of a COCO file's images
     config = RunConfig(
-        data=DataConfig(devkit=str(devkit), proposals=imported),
+        data=DataConfig(devkit=_devkit(data), proposals=imported),
         proposals=model.proposals,
         features=model.features,
         spp=model.spp,
@@ -378,6 +385,12 @@ def model_run(model: ModelFile, root: str | Path, *, devkit: str | Path) -> Run:
     run = Run.create(root, config)
     run = Run(run.root, dataclasses.replace(run.config, test=model.test))
     return run.with_extractors(model.extractor, model.tuned_extractor)
+
+
+def _devkit(data: DataSource | str | Path) -> str | None:
+    if isinstance(data, DataSource):
+        return data.devkit
+    return str(data)
 
 
 def default_model_path() -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ import yaml
 
 from sppdet.bbox_reg import BBoxRegConfig
 from sppdet.configutil import merge, to_dict
-from sppdet.datasets import Dataset, load_voc
+from sppdet.data_source import DataSource, check_categories
+from sppdet.datasets import Dataset
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.distributed import SINGLE, Dist
@@ -60,6 +62,9 @@ class DataConfig:
     """Where the training data is."""
 
     devkit: str | None = None  # a VOCdevkit directory (or its VOC<year> subdirectory)
+    # or a COCO json of the training split (its categories are the classes; sppdet.data_source)
+    coco: str | None = None
+    images: str | None = None  # the COCO json's image directory (default: the json's directory)
     year: str = "2007"  # VOC<year>
     train_split: str = "train"  # ImageSets/Main/<split>.txt used for training
     limit: int | None = None  # first N training images only (quick runs)
@@ -69,6 +74,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 (or absent: every image), not {self.limit}")
+        if self.devkit is not None and self.coco is not None:
+            raise ConfigError("data: give a VOC devkit or a COCO json (data.coco), not both")
+        if self.images is not None and self.coco is None:
+            raise ConfigError("data.images is the image directory of data.coco, which is unset")
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,30 @@ class Run:
         _write_config(self.root, config)
         return Run(self.root, config)
 
+    def settle_training_data(self, split: str, source: DataSource) -> Run:
+        """The run as an extraction of ``split`` from ``source`` leaves it: a COCO run learns
+        its training file when its training split is extracted (a run created by a val
+        extraction knew only the val file, which it does not store); another training file
+        than the one it has is refused."""
+        d = self.config.data
+        if split != d.train_split or not source.is_coco:
+            return self
+        given = {"coco": source.coco, "images": source.image_dir}
+        if d.coco is not None:
+            stored = {"coco": d.coco, "images": d.images or str(Path(d.coco).parent)}
+            if any(Path(stored[k]).resolve() != Path(v).resolve() for k, v in given.items()):
+                raise CacheMismatchError(
+                    f"{self.root} trains on {stored['coco']} (images {stored['images']}), not "
+                    f"{source.coco} (images {source.image_dir}): use another --out directory"
+                )
+            return self
+        if d.devkit is not None:
+            raise CacheMismatchError(f"{self.root} trains on the VOC devkit {d.devkit}, not COCO")
+        data = dataclasses.replace(d, **{k: os.path.abspath(v) for k, v in given.items()})
+        config = dataclasses.replace(self.config, data=data)
+        _write_config(self.root, config)
+        return Run(self.root, config)
+
     def with_finetune(self, **changes: Any) -> Run:
         """The run with ``finetune`` settings changed (``None`` values ignored), written to
         ``config.yaml`` while fine-tuning has not started; afterwards a different value is
@@ -342,16 +375,44 @@ class Run:
         return FeatureExtractor(self.config.features, self.device)
 
     def dataset(
-        self, split: str | None = None, *, devkit: str | None = None, limit: int | None = None
+        self,
+        split: str | None = None,
+        *,
+        data: DataSource | str | None = None,
+        limit: int | None = None,
     ) -> Dataset:
+        """The images of ``split`` (default: the training split, ``data.limit`` of them) from
+        ``data`` (a :class:`~sppdet.data_source.DataSource`, or a devkit path) or else the
+        run's own source (:meth:`data_source`). A COCO split's categories are checked against
+        the run's (:func:`~sppdet.data_source.check_categories`)."""
         d = self.config.data
-        root = devkit or self.stored_path("data", "devkit")
-        if root is None:
-            raise ConfigError("no devkit given: pass --devkit PATH")
         split = split or d.train_split
+        source = self.data_source(split) if data is None else data
+        if isinstance(source, str | os.PathLike):
+            source = DataSource(devkit=str(source))
         lim = limit if limit is not None else (d.limit if split == d.train_split else None)
         classes = self.stored_path("data", "classes")
-        return load_voc(root, split, year=d.year, classes=classes, limit=lim)
+        dataset = source.load(split, year=d.year, classes=classes, limit=lim)
+        check_categories(self.root, dataset)
+        return dataset
+
+    def data_source(self, split: str | None = None) -> DataSource:
+        """The run's own source of ``split``: its devkit (every split), or the COCO json of its
+        training split (a COCO file is one split: another is given on the command line)."""
+        d = self.config.data
+        split = split or d.train_split
+        if d.coco is not None:
+            if split != d.train_split:
+                raise ConfigError(
+                    f"{self.root} knows the COCO file of its training split ({d.train_split}) "
+                    f"only: give the {split} split's as --coco FILE --images DIR"
+                )
+            coco, images = self.stored_path("data", "coco"), self.stored_path("data", "images")
+            return DataSource(coco=coco, images=images)
+        devkit = self.stored_path("data", "devkit")
+        if devkit is None:
+            raise ConfigError("no dataset given: pass --devkit DIR or --coco FILE --images DIR")
+        return DataSource(devkit=devkit)
 
     def proposals(
         self, dataset: Dataset, import_path: str | None = None, *, dist: Dist = SINGLE

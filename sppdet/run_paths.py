@@ -27,6 +27,8 @@ T = TypeVar("T")
 #: ``(section, key)`` of the settings that name files or directories.
 PATH_SETTINGS = (
     ("data", "devkit"),
+    ("data", "coco"),
+    ("data", "images"),
     ("data", "classes"),
     ("data", "proposals"),
     ("features", "weights"),

@@ -145,7 +145,7 @@ def render_background(rng: np.random.Generator, width: int, height: int, config=
             dx, dy = rng.normal(0, 0.15 * width, size=2)
             draw.line([(x, y), (x + dx, y + dy)], fill=colour, width=int(rng.integers(1, 4)))
         else:
-            r = rng.uniform(2, 0.04 * min(width, height))
+            r = rng.uniform(2, max(2.0, 0.04 * min(width, height)))  # 32-px images: 1.28
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
     return np.asarray(pil).copy()
 

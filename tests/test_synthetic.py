@@ -138,3 +138,10 @@ def test_cli_command(tmp_path):
     assert load_voc(tmp_path, "trainval")[0].width == 96
     bad = CliRunner().invoke(command, [str(tmp_path), "--images", "4", "--size", "96"])
     assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
+
+
+def test_smallest_images_the_cli_accepts(tmp_path):
+    """32x32 (the CLI's minimum) once crashed drawing clutter: ``uniform(2, 1.28)``."""
+    out = CliRunner().invoke(command, [str(tmp_path / "d"), "--images", "4", "--size", "32x32"])
+    assert out.exit_code == 0, out.output
+    assert len(list((tmp_path / "d/VOC2007/JPEGImages").glob("*.jpg"))) == 4
