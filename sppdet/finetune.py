@@ -29,6 +29,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sppdet import finetune_dist
 from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError
 from sppdet.features import SPPConfig
@@ -373,12 +374,16 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
         value = _step(model, opt, batcher, rng, train, cfg.seed + step, dist)
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
         done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.iterations:
+        measure = done % cfg.eval_every == 0 or done == cfg.iterations
+        save = done % cfg.checkpoint_every == 0 and done < cfg.iterations
+        if dist.world > 1 and (measure or save):
+            finetune_dist.sync(model, opt, dist)  # the whole head on every rank
+        if measure:
             acc = _accuracy(model, *heldout())  # every rank: the same value, no collective
             if dist.main:
                 _append_log(log_path, {"step": done, "loss": loss_avg, "heldout_acc": acc})
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=acc if acc is None else f"{acc:.3f}")
-        if done % cfg.checkpoint_every == 0 and done < cfg.iterations and dist.main:
+        if save and dist.main:
             state = {
                 "model": model.state_dict(),
                 **({"conv": top.state_dict()} if top is not None else {}),
@@ -412,32 +417,27 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
 
 
 def _step(model, opt, batcher: _Batcher, rng, train, seed: int, dist: Dist) -> float:
-    """One SGD step; returns its loss. With several ranks each takes its images' windows, the
-    summed gradients divided by the whole batch's rows: the step of one process (what
-    DistributedDataParallel does, without its buckets; a rank may have no rows)."""
+    """One SGD step; returns its loss. With several ranks each pools its images' windows and
+    the ranks split fc6 by units (:mod:`sppdet.finetune_dist`): the step of one process."""
     if dist.world == 1:
         x, y = batcher.batch(rng, train)
-        torch.manual_seed(seed)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    x, y, rows, total = batcher.batch_rows(rng, train, dist)
-    torch.manual_seed(seed)
-    logits = model(x, rows=(rows, total))
-    loss = nn.functional.cross_entropy(logits, y, reduction="sum") / total
-    opt.zero_grad(set_to_none=False)  # zeros, not None: every rank sends every gradient
+    else:
+        x, y, rows, total = batcher.batch_rows(rng, train, dist)
+        if batcher.top is not None and not x.requires_grad:  # no rows here: still collective
+            x.requires_grad_()
+        x, y = finetune_dist.gather_batch(x, y, rows, total, dist)
+    torch.manual_seed(seed)  # dropout: the same masks on every rank, as in one process
+    logits = model(x) if dist.world == 1 else finetune_dist.forward(model, x, dist)
+    loss = nn.functional.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=False)
     loss.backward()
-    for group in opt.param_groups:
-        for p in group["params"]:
+    for group in opt.param_groups[1:] if dist.world > 1 else ():
+        for p in group["params"]:  # trained conv blocks: gradients of the rank's images summed
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             tdist.all_reduce(p.grad)
     opt.step()
-    value = loss.detach().reshape(1)
-    tdist.all_reduce(value)
-    return value.item()
+    return loss.item()
 
 
 def _append_log(path: Path, row: dict) -> None:

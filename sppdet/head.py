@@ -44,23 +44,11 @@ class FCHead(nn.Module):
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
 
-    def forward(self, x: Tensor, rows: tuple[Tensor, int] | None = None) -> Tensor:
-        """Class logits. ``rows``: ``(LongTensor[N], total)``, the rows ``x`` holds of a batch
-        of ``total`` split over processes; each dropout then draws its mask for the whole batch
-        (the draws one process would make) and keeps these rows, so the processes together
-        compute what one process computes (:mod:`sppdet.distributed`)."""
-        x = self._drop(torch.relu(self.fc6(self.standardize(x))), rows)
-        x = self._drop(torch.relu(self.fc7(x)), rows)
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (with several processes: :func:`sppdet.finetune_dist.forward`)."""
+        x = self.drop(torch.relu(self.fc6(self.standardize(x))))
+        x = self.drop(torch.relu(self.fc7(x)))
         return self.cls(x)
-
-    def _drop(self, h: Tensor, rows: tuple[Tensor, int] | None) -> Tensor:
-        if rows is None or not self.training:
-            return self.drop(h)
-        index, total = rows
-        # a ones tensor that needs grad takes the same dropout kernel (and random draws) as
-        # the activations of one process would; x * (mask * scale) == x * mask * scale exactly
-        ones = torch.ones(total, h.shape[1], device=h.device, dtype=h.dtype, requires_grad=True)
-        return h * self.drop(ones).detach()[index]
 
     def embed(self, x: Tensor, layer: str) -> Tensor:
         """Activations (after ReLU) of ``layer`` in :data:`LAYERS`; dropout is not applied."""
