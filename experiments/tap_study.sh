@@ -4,7 +4,7 @@
 # regressors) and evaluates every ablation row. Rows without conv fine-tuning also train pool5
 # SVMs; the conv-fine-tuned row takes its pool5 row from the frozen run of the same tap (pool5
 # SVMs never see the fine-tuned trunk). Resumable: rerun to finish. Usage (from the repo root):
-#   bash experiments/tap_study.sh [RUNS_DIR]
+#   bash experiments/tap_study.sh [RUNS_DIR [ROW...]]   (ROWs given: only those, one lane)
 set -euo pipefail
 RUNS=${1:-runs/tap}
 BIN=${BIN:-.venv/bin}
@@ -21,14 +21,26 @@ row() {  # row NAME CONFIG [pool5]
         --ablations --json "$run/ablations.json"
 }
 
+if [ $# -ge 2 ]; then  # the named rows only (frozen rows with their pool5 SVMs)
+    shift
+    for name; do
+        case $name in
+            mnv2 | d17 | lite0) row "$name" "configs/tap_${name}_300.yaml" pool5 ;;
+            *) row "$name" "configs/tap_${name}_300.yaml" ;;
+        esac
+    done
+    exit 0
+fi
 # two lanes of one thread each (the rows are independent)
 (row mnv2 configs/tap_mnv2_300.yaml pool5; row d17_conv4 configs/tap_d17_conv4_300.yaml
  row lite0 configs/tap_lite0_300.yaml pool5) &
-(row d17 configs/tap_d17_300.yaml pool5; row d17_conv4_lr4 configs/tap_d17_conv4_lr4_300.yaml)
+(row d17 configs/tap_d17_300.yaml pool5; row d17_conv4_lr4 configs/tap_d17_conv4_lr4_300.yaml
+ row d17_conv2_lr4 configs/tap_d17_conv2_lr4_300.yaml)
 wait
 "$BIN/python" -m experiments.tap_study --out results/tap_study_voc300.json \
     --row "features[13] (96 ch), conv frozen=$RUNS/mnv2" \
     --row "features[17] dilated (320 ch), conv frozen=$RUNS/d17" \
     --row "features[17] dilated, features[14..17] fine-tuned=$RUNS/d17_conv4,$RUNS/d17" \
     --row "features[17] dilated, features[14..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv4_lr4,$RUNS/d17" \
+    --row "features[17] dilated, features[16..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv2_lr4,$RUNS/d17" \
     --row "EfficientNet-Lite0 dilated (320 ch), conv frozen=$RUNS/lite0"
