@@ -14,7 +14,6 @@ Shape shorthand: ``D`` SPP dims, ``H`` hidden width, ``K`` classes (+1 backgroun
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from sppdet import finetune_dist
 from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError
 from sppdet.features import SPPConfig
-from sppdet.head import FCHead
+from sppdet.head import ConvTop, FCHead
 from sppdet.imageio import load_image
 from sppdet.storage import atomic_torch_save, atomic_write_json
 from sppdet.window_features import WindowFeatures
@@ -107,48 +106,6 @@ def _sample(rng: np.random.Generator, w: _ImageWindows, n: int, n_fg: int) -> np
     return np.concatenate([fg_idx, bg_idx]).astype(np.int64)
 
 
-class ConvTop(nn.Module):
-    """The trunk's top blocks during fine-tuning: ``frozen`` ones, then ``trained`` ones.
-
-    ``forward(Tensor[1, C, h, w]) -> Tensor[1, C', h, w]`` from a cached map. Batch norms stay
-    in eval mode with their ImageNet statistics and affine terms fixed (2 images per step are
-    too few for batch statistics; detectron2's FrozenBatchNorm), so only conv weights move.
-    """
-
-    def __init__(self, top: nn.Module, conv_blocks: int) -> None:
-        super().__init__()
-        blocks = list(copy.deepcopy(top).children())
-        if not 0 < conv_blocks <= len(blocks):
-            raise ConfigError(
-                f"finetune.conv_blocks={conv_blocks} but only features.top_blocks="
-                f"{len(blocks)} blocks run after the cache: raise features.top_blocks"
-            )
-        self.frozen = nn.Sequential(*blocks[: len(blocks) - conv_blocks])
-        self.trained = nn.Sequential(*blocks[len(blocks) - conv_blocks :])
-        for p in self.frozen.parameters():
-            p.requires_grad_(False)
-        for m in self.trained.modules():
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(not isinstance(m, nn.modules.batchnorm._BatchNorm))
-
-    def train(self, mode: bool = True) -> ConvTop:
-        super().train(mode)
-        for m in self.modules():  # frozen statistics, whatever the mode (see class docstring)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            x = self.frozen(x)
-        return self.trained(x)
-
-    def top_state(self) -> dict:
-        """State of all top blocks, keyed as the extractor's ``top_module``."""
-        blocks = [*self.frozen.children(), *self.trained.children()]
-        return nn.Sequential(*blocks).state_dict()
-
-
 class _Batcher:
     """Pools sampled windows of a few images into an ``(X [B, D], y [B])`` mini-batch.
 
@@ -185,12 +142,12 @@ class _Batcher:
         chosen = rng.choice(len(pool), min(cfg.images_per_batch, len(pool)), replace=False)
         per_img = math.ceil(cfg.batch_size / len(chosen))
         fg_img = math.ceil(cfg.batch_size * cfg.fg_fraction / len(chosen))
+        scales = self.provider.extractor.config.scales
         xs, ys, rows, start = [], [], [], 0
         for k, j in enumerate(chosen):
             w = self.windows[pool[j]]
             idx = _sample(rng, w, per_img, fg_img)
             flip = bool(cfg.flip and rng.random() < 0.5)
-            scales = self.provider.extractor.config.scales
             scale = scales[int(rng.integers(len(scales)))]  # random scale (paper 4.1)
             idx = idx[: max(0, cfg.batch_size - start)]  # the batch keeps its first rows
             if len(idx) and k % dist.world == dist.rank:

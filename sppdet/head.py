@@ -1,13 +1,17 @@
-"""The fine-tuned head on SPP vectors: fc6 -> fc7 -> classifier (:class:`FCHead`), and how
-the fine-tuning stage's files are read back (:func:`load_head`, :func:`load_trunk_top`).
+"""The fine-tuned head on SPP vectors: fc6 -> fc7 -> classifier (:class:`FCHead`), the trunk's
+top blocks as fine-tuning trains them (:class:`ConvTop`), and how the fine-tuning stage's files
+are read back (:func:`load_head`, :func:`load_trunk_top`).
 Training it is :mod:`sppdet.finetune`."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from sppdet.errors import ConfigError
 
 #: The features the SVMs and box regressors can use: the SPP vector, or a head layer.
 LAYERS = ("pool5", "fc6", "fc7")
@@ -91,3 +95,45 @@ def load_head(path: str | Path, device: torch.device | str = "cpu") -> FCHead:
     head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
     head.load_state_dict(state["model"])
     return head.to(device).eval()
+
+
+class ConvTop(nn.Module):
+    """The trunk's top blocks during fine-tuning: ``frozen`` ones, then ``trained`` ones.
+
+    ``forward(Tensor[1, C, h, w]) -> Tensor[1, C', h, w]`` from a cached map. Batch norms stay
+    in eval mode with their ImageNet statistics and affine terms fixed (2 images per step are
+    too few for batch statistics; detectron2's FrozenBatchNorm), so only conv weights move.
+    """
+
+    def __init__(self, top: nn.Module, conv_blocks: int) -> None:
+        super().__init__()
+        blocks = list(copy.deepcopy(top).children())
+        if not 0 < conv_blocks <= len(blocks):
+            raise ConfigError(
+                f"finetune.conv_blocks={conv_blocks} but only features.top_blocks="
+                f"{len(blocks)} blocks run after the cache: raise features.top_blocks"
+            )
+        self.frozen = nn.Sequential(*blocks[: len(blocks) - conv_blocks])
+        self.trained = nn.Sequential(*blocks[len(blocks) - conv_blocks :])
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        for m in self.trained.modules():
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(not isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def train(self, mode: bool = True) -> ConvTop:
+        super().train(mode)
+        for m in self.modules():  # frozen statistics, whatever the mode (see class docstring)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+        return self.trained(x)
+
+    def top_state(self) -> dict:
+        """State of all top blocks, keyed as the extractor's ``top_module``."""
+        blocks = [*self.frozen.children(), *self.trained.children()]
+        return nn.Sequential(*blocks).state_dict()
