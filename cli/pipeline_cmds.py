@@ -275,9 +275,15 @@ def train_bbox_command(run_dir, quiet, mode):
 @click.option(
     "--layer", type=click.Choice(["fc7", "fc6", "pool5"]), default="fc7", show_default=True
 )
+@click.option(
+    "--svm/--no-svm",
+    default=None,
+    help="Train the SVMs or not (default: when the run's test.scorer is svm; a softmax-scored "
+    "run needs none).",
+)
 @_QUIET
 @MODE
-def train_command(run_dir, layer, quiet, mode):
+def train_command(run_dir, layer, svm, quiet, mode):
     """finetune -> train-svm -> train-bbox (each skipped when already done)."""
     from sppdet_cli.distributed import single_process_only
 
@@ -285,7 +291,7 @@ def train_command(run_dir, layer, quiet, mode):
 
     from sppdet.train import run_train
 
-    t = run_train(open_run(run_dir, mode), layer=layer, progress=not quiet)
+    t = run_train(open_run(run_dir, mode), layer=layer, svm=svm, progress=not quiet)
     click.echo("train: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
 
 

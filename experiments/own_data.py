@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from experiments.voc07 import machine
 from sppdet.storage import atomic_write_json, git_commit
 
@@ -78,6 +80,16 @@ def main() -> int:
                       "output_tail": tail})  # fmt: skip
         print(f"{name:<14s} {seconds:7.1f} s  {tail[-1] if tail else ''}", flush=True)
     summary = json.loads((args.out / "run/eval/val/eval.json").read_text())
+    # not a user's step (untimed): the fc7 SVMs, which a softmax-scored run does not train, and
+    # every trained scorer on the same images, for the preset's choice of scorer (docs/own_data.md)
+    run = str(args.out / "run")
+    subprocess.run([*sppdet, "train-svm", run, "--layer", "fc7", "--quiet"], cwd=ROOT, check=True)
+    last = steps[-2]["command"].split()[1:]  # the eval command
+    subprocess.run([*sppdet, *last, "--ablations"], cwd=ROOT, check=True, capture_output=True)
+    ablations = {}
+    for variant in sorted((args.out / "run/eval").glob("val_*/eval.json")):
+        row = json.loads(variant.read_text())
+        ablations[row["variant"]] = {"voc07_map": row["map"], "coco": row.get("coco")}
     result = {
         "layout": args.layout,
         "data": "VOC2007 train / val, first 200 images with a cat or a dog each (classes cat, dog)",
@@ -86,8 +98,10 @@ def main() -> int:
         "voc07_map": summary["map"],
         "voc07_ap": summary["ap"],
         "coco": summary.get("coco"),
+        "ablations": ablations,
         "finetune": json.loads((args.out / "run/finetune/metrics.json").read_text()),
-        "config": (ROOT / args.config).read_text(),
+        "preset": (ROOT / args.config).read_text(),  # the config file the commands name
+        "config": yaml.safe_load((args.out / "run/config.yaml").read_text()),  # as resolved
         "command": " ".join(["python", "-m", "experiments.own_data", *sys.argv[1:]]),
         "commit": git_commit(),
         "machine": machine(),

@@ -335,14 +335,23 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     return summary
 
 
-def run_train(run: Run, *, layer: str = "fc7", progress: bool = True) -> dict:
-    """finetune -> train-svm -> train-bbox, each skipped when already complete."""
+def run_train(
+    run: Run, *, layer: str = "fc7", svm: bool | None = None, progress: bool = True
+) -> dict:
+    """finetune -> train-svm -> train-bbox, each skipped when already complete.
+
+    ``svm``: train the SVMs (True), or not (False); None trains them when the run's scorer
+    uses them (``test.scorer: svm``): a softmax-scored run (``configs/small_data.yaml``) needs
+    only the fine-tuned head and the box regressors (``eval --ablations`` scores the SVM rows
+    of runs that have SVMs)."""
+    if svm is None:
+        svm = run.config.test.scorer == "svm"
+    stages = [("finetune", lambda: run_finetune(run, progress=progress))]
+    if svm:
+        stages.append(("svm", lambda: run_train_svm(run, layer, progress=progress)))
+    stages.append(("bbox", lambda: run_train_bbox(run, progress=progress)))
     timings = {}
-    for name, fn in (
-        ("finetune", lambda: run_finetune(run, progress=progress)),
-        ("svm", lambda: run_train_svm(run, layer, progress=progress)),
-        ("bbox", lambda: run_train_bbox(run, progress=progress)),
-    ):
+    for name, fn in stages:
         t0 = time.perf_counter()
         fn()
         timings[name] = time.perf_counter() - t0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,16 @@ def test_data_errors_are_one_line(coco_run, tmp_path):
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_train_skips_the_svms_a_softmax_scored_run_does_not_use(coco_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(coco_run["run"], run)
+    shutil.rmtree(run / "svm_fc7")
+    config = (run / "config.yaml").read_text()
+    assert "scorer: svm" in config
+    (run / "config.yaml").write_text(config.replace("scorer: svm", "scorer: softmax"))
+    out = invoke("train", run, "--quiet").output
+    assert "svm" not in out.split("train:")[1] and not (run / "svm_fc7").exists()
+    out = invoke("train", run, "--quiet", "--svm").output
+    assert "svm " in out and (run / "svm_fc7" / "svm.npz").is_file()
