@@ -151,11 +151,14 @@ def _fold_standardization(head: nn.Module) -> nn.Linear:
 
 def resolve_fc_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` -> the fastest fc setting measured within 0.3 mAP points of the exact path on
-    that device: ``int8`` on a CPU (docs/fast_path.md), ``float32`` elsewhere (no GPU
-    setting has been measured for its mAP yet). Other values are returned as they are."""
+    that device: ``int8`` on a CPU with int8 dot-product instructions (:func:`cpu_has_int8_dot`;
+    docs/fast_path.md), ``float32`` elsewhere: on a CPU without them ``torch._int_mm`` has no
+    fast kernel (about 150x slower than float32 on an AVX2-only AMD EPYC,
+    ``benchmarks/int8_matmul_*.json``), and no GPU setting has been measured for its mAP yet.
+    Other values are returned as they are."""
     if dtype != "auto":
         return dtype
-    return "int8" if device.type == "cpu" else "float32"
+    return "int8" if device.type == "cpu" and cpu_has_int8_dot() else "float32"
 
 
 def check_fc_dtype(dtype: str, device: torch.device) -> str:
@@ -178,18 +181,28 @@ def fc_autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextM
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16, Linux ``/proc/cpuinfo``):
-    without them oneDNN emulates bf16 and a bf16 conv is no faster than float32."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16, Linux ``/proc/cpuinfo``):
+    without them oneDNN emulates bf16 and a bf16 conv is no faster than float32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8),
+    which ``torch._int_mm`` needs to beat a float32 matmul."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_conv_dtype(dtype: str, device: torch.device) -> str:

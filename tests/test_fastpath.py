@@ -19,6 +19,7 @@ from sppdet.fastpath import (
     CompressedHead,
     Int8Linear,
     check_conv_dtype,
+    cpu_has_int8_dot,
     cpu_has_native_bf16,
     fc_autocast,
     resolve_conv_dtype,
@@ -101,8 +102,15 @@ def test_fc_autocast_checks_the_dtype():
         fc_autocast(torch.device("cpu"), "int4")
 
 
-def test_auto_fc_dtype_is_int8_on_cpu_and_float32_on_cuda():
+def test_auto_fc_dtype_is_int8_on_cpus_with_int8_dot_products_only(monkeypatch):
+    import sppdet.fastpath as fp
+
+    int8 = "int8" if cpu_has_int8_dot() else "float32"  # no fast int8 kernel without VNNI / AMX
+    assert resolve_fc_dtype("auto", torch.device("cpu")) == int8
+    monkeypatch.setattr(fp, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     assert resolve_fc_dtype("auto", torch.device("cpu")) == "int8"
+    monkeypatch.setattr(fp, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert resolve_fc_dtype("auto", torch.device("cpu")) == "float32"
     assert resolve_fc_dtype("auto", torch.device("cuda")) == "float32"
     assert resolve_fc_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
     with fc_autocast(torch.device("cpu"), "auto"):
