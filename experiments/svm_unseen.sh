@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's SVM-gap question "do the fc7 SVMs lose because fine-tuning has seen their training
-# images?", measured on 300 -> 300 (the tap study's d17 row, configs/tap_d17_300.yaml):
+# images?", measured on 300 -> 300 (the tap study's frozen d17 row at the full recipe's 10
+# passes over the images, configs/svm_unseen_300.yaml):
 #   seen:   fine-tune on train images 1-300, fc7 SVMs on the same 300 (the recipe's way)
 #   unseen: the same fine-tuned net, fc7 SVMs on train images 301-600, which it never saw
 # both scored on the first 300 val images (fc7 SVM rows; the softmax rows are the same net's).
@@ -12,7 +13,7 @@ set -euo pipefail
 RUNS=${1:-runs/svm_unseen}
 BIN=${BIN:-.venv/bin}
 VOC=$(cd "${DEVKIT:-../shared/data/VOCdevkit}/VOC2007" && pwd)
-CFG=configs/tap_d17_300.yaml
+CFG=configs/svm_unseen_300.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 dev=$RUNS/devkit/VOC2007
