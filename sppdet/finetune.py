@@ -384,7 +384,10 @@ def _step(model, opt, batcher: _Batcher, rng, train, seed: int, dist: Dist) -> f
             x.requires_grad_()
         x, y = finetune_dist.gather_batch(x, y, rows, total, dist)
     torch.manual_seed(seed)  # dropout: the same masks on every rank, as in one process
-    logits = model(x) if dist.world == 1 else finetune_dist.forward(model, x, dist)
+    if dist.world == 1:
+        logits, units = model(x), None
+    else:
+        logits, units = finetune_dist.forward(model, x, dist)
     loss = nn.functional.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=False)
     loss.backward()
@@ -394,6 +397,8 @@ def _step(model, opt, batcher: _Batcher, rng, train, seed: int, dist: Dist) -> f
                 p.grad = torch.zeros_like(p)
             tdist.all_reduce(p.grad)
     opt.step()
+    if units is not None:  # the rank's fc6 units (fc6 has no gradient: opt.step skipped it)
+        finetune_dist.step_units(model, opt, units, dist)
     return loss.item()
 
 

@@ -14,7 +14,9 @@ pooled rows, so that every rank holds the whole batch, and split fc6 by its outp
 - trained conv blocks (``finetune.conv_blocks``) see only the rank's images: their gradients
   are summed over the ranks as DistributedDataParallel sums them.
 
-So a step sends about ``B x (D + hidden)`` floats (10 MB at 128 windows) where summing the
+Each rank also steps only its fc6 units (:func:`step_units`, torch's SGD update on those rows):
+stepping all of fc6 on every rank moved as many bytes as the matmuls. So a step sends about
+``B x (D + hidden)`` floats (10 MB at 128 windows) where summing the
 gradients (what DistributedDataParallel does) sends the whole head (150 MB): on CPUs over gloo
 that exchange took longer than the step itself. The fc6 units of other ranks are stale between
 :func:`sync` calls (made before every evaluation, checkpoint and the final save).
@@ -97,16 +99,48 @@ def gather_batch(x: Tensor, y: Tensor, rows: Tensor, total: int, dist: Dist) -> 
     return x_all, y_all
 
 
-def forward(model: FCHead, x: Tensor, dist: Dist) -> Tensor:
-    """:meth:`FCHead.forward` on the whole batch ``x [B, D]``, fc6 split by units:
-    ``Tensor[B, K + 1]``, the same logits (and dropout draws) on every rank."""
+def forward(model: FCHead, x: Tensor, dist: Dist) -> tuple[Tensor, list[Tensor]]:
+    """:meth:`FCHead.forward` on the whole batch ``x [B, D]``, fc6 split by units: the logits
+    ``Tensor[B, K + 1]`` (the same, with the same dropout draws, on every rank) and the rank's
+    fc6 units as leaves ``[weight [part, D], bias [part]]``, whose gradients
+    :func:`step_units` applies (fc6 itself gets none, so the optimizer's step skips it)."""
     own = part(model.hidden, dist)
-    xs = model.standardize(x)
-    h = nn.functional.linear(xs, model.fc6.weight[own], model.fc6.bias[own])
+    units = [model.fc6.weight.detach()[own].requires_grad_(), model.fc6.bias.detach()[own]]
+    units[1].requires_grad_()
+    h = nn.functional.linear(model.standardize(x), units[0], units[1])
     h = _GatherUnits.apply(h, dist.world, own)
     h = model.drop(torch.relu(h))
     h = model.drop(torch.relu(model.fc7(h)))
-    return model.cls(h)
+    return model.cls(h), units
+
+
+@torch.no_grad()
+def step_units(model: FCHead, opt: torch.optim.SGD, units: list[Tensor], dist: Dist) -> None:
+    """``opt``'s SGD update (torch's ``_single_tensor_sgd``, operation for operation) on the
+    rank's fc6 units only: half the weights' memory traffic per rank with two ranks, where
+    stepping the whole of fc6 on every rank cost as much as the matmuls. The full-size momentum
+    buffers stay in ``opt.state`` (checkpoints keep one process's layout; :func:`sync` fills in
+    the other ranks' rows)."""
+    own = part(model.hidden, dist)
+    params = (model.fc6.weight, model.fc6.bias)
+    group = next(g for g in opt.param_groups if any(q is params[0] for q in g["params"]))
+    if group["nesterov"] or group["maximize"]:
+        raise ValueError("the split fc6 step implements plain SGD with momentum only")
+    wd, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
+    damp = 1 - group["dampening"]
+    for p, leaf in zip(params, units, strict=True):
+        grad = leaf.grad
+        if wd != 0:
+            grad = grad.add(p[own], alpha=wd)
+        if momentum != 0:
+            state = opt.state[p]
+            if "momentum_buffer" not in state:  # first step: the buffer is the gradient
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"][own] = grad
+            else:
+                state["momentum_buffer"][own].mul_(momentum).add_(grad, alpha=damp)
+            grad = state["momentum_buffer"][own]
+        p[own].add_(grad, alpha=-lr)
 
 
 @torch.no_grad()

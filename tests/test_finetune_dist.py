@@ -60,18 +60,24 @@ def _worker(rank: int, world: int, store: str, errors) -> None:
             mine = x[rows].clone().requires_grad_()
             xa, ya = finetune_dist.gather_batch(mine, y[rows], rows, B, dist)
             torch.manual_seed(10 + step)
-            loss = nn.functional.cross_entropy(finetune_dist.forward(model, xa, dist), ya)
+            logits, units = finetune_dist.forward(model, xa, dist)
+            loss = nn.functional.cross_entropy(logits, ya)
             opt.zero_grad()
             loss.backward()
             if step == 0:
                 own = finetune_dist.part(HIDDEN, dist)
                 torch.testing.assert_close(ya, y, rtol=0, atol=0)
-                for k, p in model.named_parameters():
-                    want = ref_grads[k][own] if k.startswith("fc6") else ref_grads[k]
-                    got = p.grad[own] if k.startswith("fc6") else p.grad
+                grads = dict(model.named_parameters())
+                for k, p in grads.items():
+                    if k.startswith("fc6"):
+                        assert p.grad is None  # its units' leaves have the gradients
+                        got, want = units[k == "fc6.bias"].grad, ref_grads[k][own]
+                    else:
+                        got, want = p.grad, ref_grads[k]
                     torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=k)
                 torch.testing.assert_close(mine.grad, ref_xgrad[rows], rtol=0, atol=1e-6)
             opt.step()
+            finetune_dist.step_units(model, opt, units, dist)
         finetune_dist.sync(model, opt, dist)
         for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
