@@ -382,9 +382,15 @@ def test_test_config_is_frozen():
         DetConfig().nms_iou = 0.5  # type: ignore[misc]
 
 
-def test_default_fc_dtype_is_int8_on_the_cpu(extractor, head):
+def test_default_fc_dtype_is_int8_on_a_cpu_with_int8_dot_products(extractor, head, monkeypatch):
+    import sppdet.fastpath as fp
+
+    monkeypatch.setattr(fp, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
     det = Detector(extractor, SPP, head, None, None, 1.0, CLASSES, DetConfig(scorer="softmax"))
     assert det.config.fc_dtype == "int8"  # "auto" resolved for the device
     assert isinstance(det.head, CompressedHead) and det.trained_head is head
+    monkeypatch.setattr(fp, "cpu_flags", lambda: frozenset({"avx2"}))  # no fast int8 kernel
+    det = Detector(extractor, SPP, head, None, None, 1.0, CLASSES, DetConfig(scorer="softmax"))
+    assert det.config.fc_dtype == "float32" and det.head is head
     exact = make_detector(extractor, head, None, scorer="softmax")
     assert exact.config.fc_dtype == "float32" and exact.head is head
