@@ -41,3 +41,7 @@ seen=$RUNS/seen unseen=$RUNS/unseen
     --split val --ablations --json "$seen/ablations.json"
 [ -f "$unseen/fc7.json" ] || "$BIN/sppdet" eval --voc2007 --run "$unseen" --devkit "$D" \
     --split val --scorer svm --layer fc7 --no-bbox-reg --name val_fc7 --json "$unseen/fc7.json"
+"$BIN/python" -m experiments.tap_study --out results/svm_unseen_voc300.json \
+    --protocol "VOC2007 train images 1-300 (fine-tuning, 1,500 steps) -> first 300 val images, 1 scale (688); fc7 SVMs trained on train images 1-300 (seen by fine-tuning) or 301-600 (unseen)" \
+    --row "fc7 SVMs on the fine-tuning images (train 1-300)=$seen" \
+    --row "fc7 SVMs on images fine-tuning never saw (train 301-600)=$unseen"
