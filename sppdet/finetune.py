@@ -378,18 +378,17 @@ def _step(model, opt, batcher: _Batcher, rng, train, seed: int, dist: Dist) -> f
     the ranks split fc6 by units (:mod:`sppdet.finetune_dist`): the step of one process."""
     if dist.world == 1:
         x, y = batcher.batch(rng, train)
+        torch.manual_seed(seed)
+        logits, units = model(x), None
     else:
         x, y, rows, total = batcher.batch_rows(rng, train, dist)
         if batcher.top is not None and not x.requires_grad:  # no rows here: still collective
             x.requires_grad_()
         x, y = finetune_dist.gather_batch(x, y, rows, total, dist)
-    torch.manual_seed(seed)  # dropout: the same masks on every rank, as in one process
-    if dist.world == 1:
-        logits, units = model(x), None
-    else:
+        torch.manual_seed(seed)  # dropout: the same masks on every rank, as in one process
         logits, units = finetune_dist.forward(model, x, dist)
     loss = nn.functional.cross_entropy(logits, y)
-    opt.zero_grad(set_to_none=False)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
     for group in opt.param_groups[1:] if dist.world > 1 else ():
         for p in group["params"]:  # trained conv blocks: gradients of the rank's images summed
