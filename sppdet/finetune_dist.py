@@ -58,9 +58,8 @@ class _GatherRows(torch.autograd.Function):
     ranks, each keeps its own rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, rows: Tensor, total: int, world: int) -> Tensor:
+    def forward(ctx, x: Tensor, rows: Tensor, idx: Tensor, total: int, world: int) -> Tensor:
         xs = _all_gather_padded(x.detach(), world)
-        idx = torch.cat(_all_gather_padded(rows, world))
         batch = x.new_empty((total, *x.shape[1:]))
         batch[idx] = torch.cat(xs)
         ctx.save_for_backward(rows)
@@ -71,7 +70,7 @@ class _GatherRows(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         grad = grad.contiguous()
         tdist.all_reduce(grad)
-        return grad[rows], None, None, None
+        return grad[rows], None, None, None, None
 
 
 class _GatherUnits(torch.autograd.Function):
@@ -91,11 +90,10 @@ class _GatherUnits(torch.autograd.Function):
 
 def gather_batch(x: Tensor, y: Tensor, rows: Tensor, total: int, dist: Dist) -> tuple:
     """``(X [B, D], y [B])`` of the whole batch on every rank from each rank's rows."""
-    x_all = _GatherRows.apply(x, rows, total, dist.world)
+    idx = torch.cat(_all_gather_padded(rows, dist.world))  # every rank's rows, in rank order
+    x_all = _GatherRows.apply(x, rows, idx, total, dist.world)
     y_all = y.new_empty(total)
-    y_all[torch.cat(_all_gather_padded(rows, dist.world))] = torch.cat(
-        _all_gather_padded(y, dist.world)
-    )
+    y_all[idx] = torch.cat(_all_gather_padded(y, dist.world))
     return x_all, y_all
 
 
@@ -150,8 +148,8 @@ def sync(model: FCHead, opt: torch.optim.Optimizer, dist: Dist) -> None:
     type; a broadcast keeps ranks on different CPUs from drifting apart by rounding)."""
     own = part(model.hidden, dist)
     for p in (model.fc6.weight, model.fc6.bias):
-        tensors = [p] + [t for t in [opt.state.get(p, {}).get("momentum_buffer")] if t is not None]
-        for t in tensors:
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        for t in (p,) if buf is None else (p, buf):
             parts = _all_gather_padded(t[own].contiguous(), dist.world)
             t.copy_(torch.cat(parts))
     for module in (model.fc7, model.cls):
