@@ -153,7 +153,7 @@ def resolve_fc_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` -> the fastest fc setting measured within 0.3 mAP points of the exact path on
     that device: ``int8`` on a CPU with int8 dot-product instructions (:func:`cpu_has_int8_dot`;
     docs/fast_path.md), ``float32`` elsewhere: on a CPU without them ``torch._int_mm`` has no
-    fast kernel (about 150x slower than float32 on an AVX2-only AMD EPYC,
+    fast kernel (128x slower than float32 on an AVX2-only AMD EPYC,
     ``benchmarks/int8_matmul_*.json``), and no GPU setting has been measured for its mAP yet.
     Other values are returned as they are."""
     if dtype != "auto":

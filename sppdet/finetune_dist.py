@@ -103,13 +103,9 @@ def forward(model: FCHead, x: Tensor, dist: Dist) -> tuple[Tensor, list[Tensor]]
     fc6 units as leaves ``[weight [part, D], bias [part]]``, whose gradients
     :func:`step_units` applies (fc6 itself gets none, so the optimizer's step skips it)."""
     own = part(model.hidden, dist)
-    units = [model.fc6.weight.detach()[own].requires_grad_(), model.fc6.bias.detach()[own]]
-    units[1].requires_grad_()
+    units = [p.detach()[own].requires_grad_() for p in (model.fc6.weight, model.fc6.bias)]
     h = nn.functional.linear(model.standardize(x), units[0], units[1])
-    h = _GatherUnits.apply(h, dist.world, own)
-    h = model.drop(torch.relu(h))
-    h = model.drop(torch.relu(model.fc7(h)))
-    return model.cls(h), units
+    return model.from_fc6(_GatherUnits.apply(h, dist.world, own)), units
 
 
 @torch.no_grad()

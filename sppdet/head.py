@@ -50,9 +50,13 @@ class FCHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (with several processes: :func:`sppdet.finetune_dist.forward`)."""
-        x = self.drop(torch.relu(self.fc6(self.standardize(x))))
-        x = self.drop(torch.relu(self.fc7(x)))
-        return self.cls(x)
+        return self.from_fc6(self.fc6(self.standardize(x)))
+
+    def from_fc6(self, h: Tensor) -> Tensor:
+        """Class logits from fc6's pre-activations ``h [N, hidden]`` (dropout as in training)."""
+        h = self.drop(torch.relu(h))
+        h = self.drop(torch.relu(self.fc7(h)))
+        return self.cls(h)
 
     def embed(self, x: Tensor, layer: str) -> Tensor:
         """Activations (after ReLU) of ``layer`` in :data:`LAYERS`; dropout is not applied."""
