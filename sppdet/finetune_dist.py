@@ -1,7 +1,7 @@
 """One fine-tuning step over several processes, equal to the step of one process.
 
 Each rank pools the windows of its images of the step (image ``k`` of the step on rank
-``k % world``, :meth:`sppdet.finetune._Batcher.batch_rows`); the ranks then exchange those
+``k % world``, :meth:`sppdet.finetune_batch.Batcher.batch_rows`); the ranks then exchange those
 pooled rows, so that every rank holds the whole batch, and split fc6 by its output units:
 
 - fc6 (``D x hidden``, 33 million weights at the d17 recipe's 16,000 x 2,048: nine tenths of
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
+from torch.optim.sgd import sgd
 
 from sppdet.distributed import Dist
 from sppdet.head import FCHead
@@ -110,7 +111,7 @@ def forward(model: FCHead, x: Tensor, dist: Dist) -> tuple[Tensor, list[Tensor]]
 
 @torch.no_grad()
 def step_units(model: FCHead, opt: torch.optim.SGD, units: list[Tensor], dist: Dist) -> None:
-    """``opt``'s SGD update (torch's ``_single_tensor_sgd``, operation for operation) on the
+    """``opt``'s SGD update (torch's functional ``sgd``, fused like ``opt`` where it is) on the
     rank's fc6 units only: half the weights' memory traffic per rank with two ranks, where
     stepping the whole of fc6 on every rank cost as much as the matmuls. The full-size momentum
     buffers stay in ``opt.state`` (checkpoints keep one process's layout; :func:`sync` fills in
@@ -118,23 +119,25 @@ def step_units(model: FCHead, opt: torch.optim.SGD, units: list[Tensor], dist: D
     own = part(model.hidden, dist)
     params = (model.fc6.weight, model.fc6.bias)
     group = next(g for g in opt.param_groups if any(q is params[0] for q in g["params"]))
-    if group["nesterov"] or group["maximize"]:
-        raise ValueError("the split fc6 step implements plain SGD with momentum only")
-    wd, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
-    damp = 1 - group["dampening"]
-    for p, leaf in zip(params, units, strict=True):
-        grad = leaf.grad
-        if wd != 0:
-            grad = grad.add(p[own], alpha=wd)
-        if momentum != 0:
-            state = opt.state[p]
-            if "momentum_buffer" not in state:  # first step: the buffer is the gradient
-                state["momentum_buffer"] = torch.zeros_like(p)
-                state["momentum_buffer"][own] = grad
-            else:
-                state["momentum_buffer"][own].mul_(momentum).add_(grad, alpha=damp)
-            grad = state["momentum_buffer"][own]
-        p[own].add_(grad, alpha=-lr)
+    states = [opt.state[p] for p in params]
+    bufs = [s["momentum_buffer"][own] if "momentum_buffer" in s else None for s in states]
+    sgd(
+        [p[own] for p in params],  # row views: the update lands in fc6 itself
+        [leaf.grad for leaf in units],
+        bufs,  # first step: sgd makes each buffer (= the gradient), kept below
+        fused=group.get("fused"),
+        foreach=group.get("foreach"),
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        lr=group["lr"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=group["maximize"],
+    )
+    for p, s, buf in zip(params, states, bufs, strict=True):
+        if buf is not None and "momentum_buffer" not in s:
+            s["momentum_buffer"] = torch.zeros_like(p)
+            s["momentum_buffer"][own] = buf
 
 
 @torch.no_grad()
