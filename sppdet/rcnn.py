@@ -25,7 +25,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -34,10 +33,10 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from sppdet.backbones import BackboneSpec, normalize
-from sppdet.errors import CacheMismatchError, SppdetError
+from sppdet.errors import SppdetError
 from sppdet.features import FeatureExtractor, SPPConfig, flip_boxes
+from sppdet.rcnn_cache import RCNNCache, as_boxes
 from sppdet.spp import SpatialPyramidPool, spp_dim
-from sppdet.storage import atomic_save_npz, check_manifest
 from sppdet.timing import PROFILER_LABELS, StageHook
 
 log = logging.getLogger(__name__)
@@ -230,59 +229,6 @@ def rcnn_featurizer(extractor: FeatureExtractor, spp: SPPConfig) -> RCNNFeaturiz
     )
 
 
-class RCNNCache:
-    """R-CNN mode's window vectors on disk, like R-CNN's own ``rcnn_cache_pool5_features.m``.
-
-    One ``<root>/pool5/<image_id>.npz`` per image holds ``boxes`` (``Array[N, 4]`` float32 internal
-    xyxy: the image's proposals and ground truth) and ``vectors`` (``Array[N, D]`` in the
-    manifest's dtype, fp16 by default). Max pooling commutes with rounding, so fp16 vectors are
-    exactly the pyramid of fp16 maps, as SPP mode's cache gives. Files are written atomically; an
-    interrupted extraction resumes by skipping existing files. ~15 MB per VOC image with
-    MobileNetV2 (1,600 x 4,800 dims): the extract stage checks the free disk space first.
-    """
-
-    def __init__(self, root: str | Path, manifest: dict) -> None:
-        self.root = Path(root)
-        check_manifest(self.root, manifest)
-        self.dtype = np.dtype(manifest["dtype"])
-        self.torch_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
-
-    def path(self, image_id: str) -> Path:
-        return self.root / "pool5" / f"{image_id}.npz"
-
-    def has(self, image_id: str) -> bool:
-        return self.path(image_id).exists()
-
-    def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(boxes Array[N, 4] float32, vectors Array[N, D])`` of one image."""
-        path = self.path(image_id)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                boxes, vectors = z["boxes"], z["vectors"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CacheMismatchError(f"corrupt cached vectors {path} ({exc}); delete it") from exc
-        if len(boxes) != len(vectors):
-            raise CacheMismatchError(f"corrupt cached vectors {path}: rows differ; delete it")
-        return boxes, vectors
-
-    def save(self, image_id: str, boxes: np.ndarray, vectors: Tensor) -> None:
-        arr = vectors.detach().to("cpu").numpy().astype(self.dtype)
-        atomic_save_npz(self.path(image_id), boxes=_as_boxes(boxes), vectors=arr)
-
-
-def rcnn_cache_manifest(extractor: FeatureExtractor, spp: SPPConfig) -> dict:
-    """What determines R-CNN mode's vectors: the conv trunk and warp (the extractor's manifest
-    without the SPP scales, which R-CNN ignores) and the pyramid levels (the vectors are pooled)."""
-    m = extractor.manifest()
-    for key in ("scales", "max_size"):
-        m.pop(key, None)
-    return {**m, "kind": "rcnn_pool5_vectors", "levels": list(spp.levels)}
-
-
-def _as_boxes(boxes: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
-
-
 class RCNNImage:
     """One image's R-CNN window features (:class:`~sppdet.window_features.ImageWindows`):
     every window warped and convolved on its own (or read from the cache) when pooled.
@@ -307,7 +253,7 @@ class RCNNImage:
     ) -> tuple[Tensor, None]:
         """``(Tensor[N, D], None)``: one row per window (``dedup`` is SPP's: warped windows
         never share a vector)."""
-        return self._compute(_as_boxes(boxes), hook), None
+        return self._compute(as_boxes(boxes), hook), None
 
 
 class RCNNProvider:
@@ -345,7 +291,7 @@ class RCNNProvider:
         below them."""
         if top is not None:
             raise SppdetError("conv fine-tuning through top blocks needs SPP mode")
-        boxes = _as_boxes(boxes)
+        boxes = as_boxes(boxes)
         if self.cache is None or flip or not self.cache.has(image_id):
             return self._compute(load_image, boxes, flip)
         cached, vectors = self.cache.load(image_id)
@@ -383,7 +329,7 @@ class RCNNProvider:
         """Compute and cache the vectors of ``boxes`` (an image's proposals and GT boxes)."""
         if self.cache is None:
             raise SppdetError("R-CNN vector caching is off (features.cache)")
-        boxes = _as_boxes(boxes)
+        boxes = as_boxes(boxes)
         vectors = self.featurizer(load_image(), boxes, self.extractor.device)
         self.cache.save(image_id, boxes, vectors)
 

@@ -116,7 +116,8 @@ def window_features(
             ``extractor``'s frozen maps.
     """
     if extractor.config.mode == "rcnn":
-        from sppdet.rcnn import RCNNCache, RCNNProvider, rcnn_cache_manifest
+        from sppdet.rcnn import RCNNProvider
+        from sppdet.rcnn_cache import RCNNCache, rcnn_cache_manifest
 
         cache = (
             None

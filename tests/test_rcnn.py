@@ -11,14 +11,13 @@ from sppdet.backbones import backbone_spec, build_backbone
 from sppdet.errors import CacheMismatchError
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.rcnn import (
-    RCNNCache,
     RCNNFeaturizer,
     RCNNProvider,
     context_boxes,
-    rcnn_cache_manifest,
     warp_windows,
     warp_windows_cpu,
 )
+from sppdet.rcnn_cache import RCNNCache, rcnn_cache_manifest
 from sppdet.spp import spp_pool
 
 
