@@ -5,7 +5,9 @@ Each row is one trained run (first 300 VOC2007 train images -> first 300 val ima
 its ``eval --ablations`` results (``RUN/eval/val_*/eval.json``) and fine-tuning metrics. A row
 whose run did not train pool5 SVMs takes its pool5 row from ``POOL5_RUN`` (the same frozen
 features: pool5 SVMs never see the fine-tuned trunk). Writes one JSON with the commands'
-configs, the commit and the machine, and prints a markdown table.
+configs, the commit and the machine, and prints a markdown table. ``--keep OLD.json`` keeps
+the rows of an earlier results file that this call does not remeasure (each with the machine it
+ran on), so rows measured in different sessions share one table.
 
 Usage::
 
@@ -45,7 +47,17 @@ def parse_args() -> argparse.Namespace:
         default="VOC2007 first 300 train -> first 300 val, 1 scale (688)",
         help="What the rows' runs trained and evaluated on, in words (recorded).",
     )
+    p.add_argument("--keep", type=Path, help="Earlier results JSON whose other rows to keep.")
     return p.parse_args()
+
+
+def kept_rows(path: Path | None, labels: set[str]) -> list[dict]:
+    """The rows of ``path`` not in ``labels``, each with its machine (the file's if not its own)."""
+    if path is None:
+        return []
+    old = read_json(path)
+    keep = [r for r in old["rows"] if r["label"] not in labels]
+    return [{**r, "machine": r.get("machine", old["machine"])} for r in keep]
 
 
 def row(label: str, runs: str, split: str = "val") -> dict:
@@ -89,7 +101,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     args = parse_args()
-    rows = [row(*spec.split("=", 1), split=args.split) for spec in args.row]
+    new = [
+        {**row(*spec.split("=", 1), split=args.split), "machine": machine()} for spec in args.row
+    ]
+    rows = kept_rows(args.keep, {r["label"] for r in new}) + new
     out = {
         "protocol": args.protocol,
         "split": args.split,
