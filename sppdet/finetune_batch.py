@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from sppdet.imageio import load_image
 from sppdet.window_features import WindowFeatures
 from sppdet.windows import label_windows
 
+if TYPE_CHECKING:  # finetune imports this module
+    from sppdet.finetune import FinetuneConfig
+
 
 @dataclass(frozen=True)
 class ImageWindows:
@@ -31,9 +35,9 @@ class ImageWindows:
     num_fg: int
 
 
-def candidates(record, proposals: np.ndarray, index: int, cfg) -> ImageWindows:
-    """The windows of ``record`` that fine-tuning samples (``cfg``: a ``FinetuneConfig``):
-    foreground IoU >= ``fg_iou``, background in ``[bg_iou_low, fg_iou)``."""
+def candidates(record, proposals: np.ndarray, index: int, cfg: FinetuneConfig) -> ImageWindows:
+    """The windows of ``record`` that fine-tuning samples: foreground IoU >= ``cfg.fg_iou``,
+    background in ``[cfg.bg_iou_low, cfg.fg_iou)``."""
     keep = ~record.difficult
     gt_boxes, gt_labels = record.boxes[keep], record.labels[keep]
     lw = label_windows(proposals, gt_boxes, gt_labels, int(gt_labels.max(initial=0)) + 1)
@@ -65,16 +69,16 @@ class Batcher:
     """
 
     def __init__(
-        self, records, windows, provider: WindowFeatures, spp: SPPConfig, cfg, top=None
+        self,
+        records,
+        windows,
+        provider: WindowFeatures,
+        spp: SPPConfig,
+        cfg: FinetuneConfig,
+        top: ConvTop | None = None,
     ) -> None:
-        self.records, self.windows, self.provider, self.spp, self.cfg = (
-            records,
-            windows,
-            provider,
-            spp,
-            cfg,
-        )
-        self.top: ConvTop | None = top
+        self.records, self.windows, self.provider = records, windows, provider
+        self.spp, self.cfg, self.top = spp, cfg, top
 
     def batch(self, rng: np.random.Generator, pool: Sequence[int]) -> tuple[Tensor, Tensor]:
         """``(X [B, D], y [B])``: a mini-batch of windows of a few images of ``pool``."""
