@@ -7,7 +7,8 @@ whose run did not train pool5 SVMs takes its pool5 row from ``POOL5_RUN`` (the s
 features: pool5 SVMs never see the fine-tuned trunk). Writes one JSON with the commands'
 configs, the commit and the machine, and prints a markdown table. ``--keep OLD.json`` keeps
 the rows of an earlier results file that this call does not remeasure (each with the machine it
-ran on), so rows measured in different sessions share one table.
+ran on) and the commands that made them (``earlier_commands``), so rows measured in different
+sessions share one table.
 
 Usage::
 
@@ -51,13 +52,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def kept_rows(path: Path | None, labels: set[str]) -> list[dict]:
-    """The rows of ``path`` not in ``labels``, each with its machine (the file's if not its own)."""
+def kept_rows(path: Path | None, labels: set[str]) -> tuple[list[dict], list[str]]:
+    """The rows of ``path`` not in ``labels``, each with its machine (the file's if not its own),
+    and the commands that made ``path`` (its ``earlier_commands``, then its ``command``)."""
     if path is None:
-        return []
+        return [], []
     old = read_json(path)
     keep = [r for r in old["rows"] if r["label"] not in labels]
-    return [{**r, "machine": r.get("machine", old["machine"])} for r in keep]
+    rows = [{**r, "machine": r.get("machine", old["machine"])} for r in keep]
+    return rows, [*old.get("earlier_commands", []), old["command"]]
 
 
 def row(label: str, runs: str, split: str = "val") -> dict:
@@ -101,19 +104,20 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     args = parse_args()
-    new = [
-        {**row(*spec.split("=", 1), split=args.split), "machine": machine()} for spec in args.row
-    ]
-    rows = kept_rows(args.keep, {r["label"] for r in new}) + new
+    here = machine()
+    new = [{**row(*spec.split("=", 1), split=args.split), "machine": here} for spec in args.row]
+    kept, earlier = kept_rows(args.keep, {r["label"] for r in new})
     out = {
         "protocol": args.protocol,
         "split": args.split,
         "command": shlex.join(["python", "-m", "experiments.tap_study", *sys.argv[1:]]),
-        "rows": rows,
-        "machine": machine(),
+        "rows": kept + new,
+        "machine": here,  # this call's; each row has the machine it was collected on
     }
+    if earlier:
+        out["earlier_commands"] = earlier
     atomic_write_json(args.out, out)
-    print(table(rows))
+    print(table(out["rows"]))
     return 0
 
 
