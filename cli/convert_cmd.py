@@ -62,8 +62,9 @@ def command(
                    (--to-coco OUT.json | --to-voc OUT_DEVKIT [--out-split S])
                    [--classes a,b] [--limit N]
     """
+    from sppdet.coco_data import load_coco
     from sppdet.convert import default_image_root, subset, write_coco, write_voc
-    from sppdet.datasets import load_coco, load_voc
+    from sppdet.datasets import load_voc
 
     _check_options(devkit, split, coco_json, images, to_coco, to_voc)
     if to_coco is not None and (out_split or copy_images):

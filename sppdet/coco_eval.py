@@ -1,6 +1,6 @@
 """COCO-style box evaluation through ``pycocotools.cocoeval.COCOeval`` (bbox).
 
-For datasets loaded with :func:`sppdet.datasets.load_coco`: class index ``k`` is the ``k``-th
+For datasets loaded with :func:`sppdet.coco_data.load_coco`: class index ``k`` is the ``k``-th
 category in increasing category id (the loader's order), and ``int(image_id)`` is the COCO image
 id. Only the images of the dataset are evaluated (so a ``limit``-ed dataset evaluates its subset).
 """

@@ -137,7 +137,7 @@ def to_coco_json(dataset: Dataset, *, image_root: str | os.PathLike | None = Non
     Args:
         dataset: the dataset to describe.
         image_root: directory the ``file_name`` s are relative to (the ``image_dir`` for
-            :func:`~sppdet.datasets.load_coco`). Default: :func:`default_image_root`.
+            :func:`~sppdet.coco_data.load_coco`). Default: :func:`default_image_root`.
 
     Raises:
         DataError: an image is not under ``image_root``.

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sppdet import storage as S
-from sppdet.datasets import Dataset, load_coco, load_voc
+from sppdet.coco_data import load_coco
+from sppdet.datasets import Dataset, load_voc
 from sppdet.errors import ConfigError, DataError
 
 __all__ = ["DataSource", "check_categories", "CATEGORIES_FILE"]

@@ -1,20 +1,17 @@
-"""Datasets: PASCAL VOC (XML devkit layout) and COCO (json) as one in-memory record list.
+"""Datasets: PASCAL VOC (XML devkit layout) as an in-memory record list.
 
 A :class:`Dataset` is a tuple of :class:`ImageRecord` s, one per image, in split-file order. Boxes
 are in the internal convention of :mod:`sppdet.boxes` (0-based continuous xyxy); labels are
 0-based indices into ``Dataset.classes`` (the background class of the detector is not part of
 it). Only annotations and image headers (for their EXIF orientation: images are read upright,
 see :func:`sppdet.imageio.check_annotated_size`) are read here; pixels are read later by
-:func:`sppdet.imageio.load_image`.
+:func:`sppdet.imageio.load_image`. COCO json becomes the same records in :mod:`sppdet.coco_data`.
 
 Shape shorthand: ``G`` ground-truth boxes of one image.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -35,7 +32,6 @@ __all__ = [
     "Dataset",
     "load_classes",
     "load_voc",
-    "load_coco",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,7 +44,7 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 # Below this many images the progress bar is noise (loading 5,000 VOC XML files takes ~1 s).
-_PROGRESS_MIN = 1000
+PROGRESS_MIN = 1000
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +206,7 @@ def load_voc(
     notes = SizeNotes()
     records = [
         _voc_record(root, image_id, index, notes)
-        for image_id in tqdm(ids, desc=f"load {name}", unit="img", disable=len(ids) < _PROGRESS_MIN)
+        for image_id in tqdm(ids, desc=f"load {name}", unit="img", disable=len(ids) < PROGRESS_MIN)
     ]
     notes.warn(name)
     return Dataset(name=name, classes=class_names, records=tuple(records), root=root, split=split)
@@ -280,7 +276,7 @@ def _voc_record(root: Path, image_id: str, index: dict[str, int], notes: SizeNot
         image_path, _voc_size(tree, xml_path, image_path), xml_path, notes
     )
     raw, labels, difficult = _voc_objects(tree, xml_path, index)
-    boxes, keep = _clean_boxes(B.from_voc(raw), width, height, xml_path)
+    boxes, keep = clean_boxes(B.from_voc(raw), width, height, xml_path)
     return ImageRecord(image_id, image_path, width, height, boxes, labels[keep], difficult[keep])
 
 
@@ -324,7 +320,7 @@ def _voc_objects(
     )
 
 
-def _clean_boxes(boxes: np.ndarray, width: int, height: int, source: Path):
+def clean_boxes(boxes: np.ndarray, width: int, height: int, source: Path):
     """Clip internal boxes to the image and drop empty ones, warning about each change.
 
     Returns:
@@ -338,84 +334,3 @@ def _clean_boxes(boxes: np.ndarray, width: int, height: int, source: Path):
     if not keep.all():
         log.warning("%s: dropped %d empty box(es) after clipping", source, int((~keep).sum()))
     return clipped[keep], keep
-
-
-# ---------------------------------------------------------------------------------------- COCO
-
-
-def load_coco(
-    annotation_json: str | os.PathLike,
-    image_dir: str | os.PathLike,
-    *,
-    limit: int | None = None,
-    split: str | None = None,
-) -> Dataset:
-    """Load a COCO-format detection json (via ``pycocotools``).
-
-    Classes are the categories sorted by category id; ``iscrowd`` boxes become ``difficult`` so
-    evaluation ignores them, as VOC does with its difficult boxes. Image ids are
-    ``str(coco_image_id)`` (so ``int(record.image_id)`` recovers the COCO id); images are in
-    increasing id order.
-
-    Args:
-        annotation_json: e.g. ``instances_val2017.json``.
-        image_dir: directory holding the ``file_name`` of each image.
-        limit: keep only the first ``limit`` images.
-        split: split name for the dataset (default: the json's file stem).
-
-    Raises:
-        DataError: missing or malformed json, missing image file. ConfigError: bad ``limit``.
-    """
-    ann_path, image_dir = Path(annotation_json), Path(image_dir)
-    coco = _open_coco(ann_path)
-    cat_ids = sorted(coco.cats)
-    classes = tuple(str(coco.cats[c]["name"]) for c in cat_ids)
-    label_of = {c: i for i, c in enumerate(cat_ids)}
-    image_ids = sorted(coco.imgs)
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"limit must be at least 1, got {limit}")
-        image_ids = image_ids[:limit]
-    split = split or ann_path.stem
-    notes = SizeNotes()
-    records = [
-        _coco_record(coco, i, image_dir, label_of, ann_path, notes)
-        for i in tqdm(image_ids, desc=f"load coco_{split}", disable=len(image_ids) < _PROGRESS_MIN)
-    ]
-    notes.warn(f"coco_{split}")
-    return Dataset(
-        f"coco_{split}", classes, tuple(records), image_dir, split, ann_path, tuple(cat_ids)
-    )
-
-
-def _open_coco(path: Path):
-    """``pycocotools.coco.COCO`` of ``path``, its progress prints silenced."""
-    from pycocotools.coco import COCO
-
-    if not path.is_file():
-        raise DataError(f"COCO annotation file not found: {path}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot parse COCO annotations {path}: {exc}") from exc
-    except (KeyError, TypeError, AssertionError) as exc:
-        raise DataError(f"cannot parse COCO annotations {path}: bad structure ({exc!r})") from exc
-
-
-def _coco_record(
-    coco, coco_id: int, image_dir: Path, label_of: dict[int, int], source: Path, notes: SizeNotes
-):
-    """One :class:`ImageRecord` from the COCO index (``notes``: as in :func:`_voc_record`)."""
-    info = coco.imgs[coco_id]
-    image_path = image_dir / info["file_name"]
-    if not os.path.exists(image_path):
-        raise DataError(f"image not found: {image_path} (image id {coco_id} in {source})")
-    size = (int(info["width"]), int(info["height"]))
-    width, height = annotated_size(image_path, size, source, notes)
-    anns = coco.imgToAnns.get(coco_id, [])
-    raw = B.from_xywh(np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4))
-    labels = np.asarray([label_of[a["category_id"]] for a in anns], dtype=np.int64)
-    crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-    boxes, keep = _clean_boxes(raw, width, height, source)
-    return ImageRecord(str(coco_id), image_path, width, height, boxes, labels[keep], crowd[keep])

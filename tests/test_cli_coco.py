@@ -105,7 +105,7 @@ def test_eval_coco_metrics_equal_pycocotools_on_the_results_file(coco_run):
 def test_crowd_objects_are_ignored_as_difficult_ones(coco_run):
     """A crowd object loads as VOC's difficult one (neither positive nor negative): the same
     json with it not crowd counts one more positive of its class."""
-    from sppdet.datasets import load_coco
+    from sppdet.coco_data import load_coco
     from sppdet.voc_eval import Detections, evaluate_detections
 
     val = json.loads(coco_run["val"].read_text())

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sppdet.boxes import from_xywh
+from sppdet.coco_data import load_coco
 from sppdet.coco_eval import COCO_STAT_NAMES, evaluate_coco
-from sppdet.datasets import load_coco
 from sppdet.errors import DataError
 from sppdet.voc_eval import Detections
 

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from sppdet.coco_data import load_coco
 from sppdet.convert import default_image_root, subset, to_coco_json, write_coco, write_voc
-from sppdet.datasets import Dataset, ImageRecord, load_coco, load_voc
+from sppdet.datasets import Dataset, ImageRecord, load_voc
 from sppdet.errors import ConfigError, DataError
 from sppdet.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
 from sppdet_cli.convert_cmd import command

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes, load_coco, load_voc
+from sppdet.coco_data import load_coco
+from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes, load_voc
 from sppdet.errors import ConfigError, DataError
 from sppdet.imageio import load_image
 
