@@ -122,6 +122,15 @@ def extract_command(
     from sppdet_cli.distributed import init_from_env, main_first
 
     dist = init_from_env(cfg.device)  # torchrun: the images are sharded over the processes
+    if cfg.features.weights is None and dist.main:
+        # Random weights are what tests and the synthetic demo want (nothing downloads), but on
+        # real images a silently random trunk detects nothing: say so, once.
+        click.echo(
+            f"warning: no --weights given: the {cfg.features.backbone} trunk is randomly "
+            f"initialised (seed {cfg.features.seed}); for real images pass --weights imagenet "
+            "or a state_dict PATH (`weights: random` in a config silences this)",
+            err=True,
+        )
     run = main_first(
         dist,
         lambda: (
