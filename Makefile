@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-lite0-1scale voc07-d17-5scale tap-study repro-1scale repro-5scale repro-d17-1scale repro-d17-5scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-lite0-1scale voc07-d17-5scale voc07-lite0-5scale tap-study repro-1scale repro-5scale repro-d17-1scale repro-d17-5scale repro-lite0-1scale clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,10 @@ voc07-lite0-1scale: $(STAMP)
 voc07-d17-5scale: $(STAMP)
 	$(BIN)/python -m experiments.voc07 --config configs/voc07_d17_5scale.yaml --run runs/voc07_d17_5s --name voc07_d17_5scale --recipe mnv2_d17_frozen --val-maps compute --no-pool5
 
+# Its 5-scale run: the train split's maps are cached (~28 GB), the val maps computed in eval.
+voc07-lite0-5scale: $(STAMP)
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_lite0_5scale.yaml --run runs/voc07_lite0_5s --name voc07_lite0_5scale --recipe lite0_d_frozen --val-maps compute --no-pool5
+
 # 300 -> 300 comparison of SPP taps with and without conv fine-tuning: results/tap_study_voc300.json.
 tap-study: $(STAMP)
 	bash experiments/tap_study.sh runs/tap
@@ -80,3 +84,6 @@ repro-d17-1scale: $(STAMP)
 
 repro-d17-5scale: $(STAMP)
 	bash experiments/repro.sh voc07_d17_5scale voc07-d17-5scale
+
+repro-lite0-1scale: $(STAMP)
+	bash experiments/repro.sh voc07_lite0_1scale voc07-lite0-1scale
