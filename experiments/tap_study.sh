@@ -35,7 +35,8 @@ fi
 (row mnv2 configs/tap_mnv2_300.yaml pool5; row d17_conv4 configs/tap_d17_conv4_300.yaml
  row lite0 configs/tap_lite0_300.yaml pool5) &
 (row d17 configs/tap_d17_300.yaml pool5; row d17_conv4_lr4 configs/tap_d17_conv4_lr4_300.yaml
- row d17_conv2_lr4 configs/tap_d17_conv2_lr4_300.yaml)
+ row d17_conv2_lr4 configs/tap_d17_conv2_lr4_300.yaml
+ row lite0_conv2_lr4 configs/tap_lite0_conv2_lr4_300.yaml)
 wait
 "$BIN/python" -m experiments.tap_study --out results/tap_study_voc300.json \
     --row "features[13] (96 ch), conv frozen=$RUNS/mnv2" \
@@ -43,4 +44,5 @@ wait
     --row "features[17] dilated, features[14..17] fine-tuned=$RUNS/d17_conv4,$RUNS/d17" \
     --row "features[17] dilated, features[14..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv4_lr4,$RUNS/d17" \
     --row "features[17] dilated, features[16..17] fine-tuned, conv lr 1e-4, 3k steps=$RUNS/d17_conv2_lr4,$RUNS/d17" \
-    --row "EfficientNet-Lite0 dilated (320 ch), conv frozen=$RUNS/lite0"
+    --row "EfficientNet-Lite0 dilated (320 ch), conv frozen=$RUNS/lite0" \
+    --row "EfficientNet-Lite0 dilated, blocks 14-15 fine-tuned, conv lr 1e-4, 3k steps=$RUNS/lite0_conv2_lr4,$RUNS/lite0"
