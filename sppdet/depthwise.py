@@ -3,7 +3,7 @@
 On a CPU, oneDNN computes the backward of a (dilated) depthwise convolution with an im2col GEMM:
 for one 1,152-channel 43 x 57 map of EfficientNet-Lite0's dilated block 14 (5 x 5, dilation 2,
 one thread, AMD EPYC with AVX2) forward + backward took 0.70 s against 0.094 s here
-(``python -m experiments.depthwise_bench``), and the dilated blocks' backward was the largest part
+(``python -m experiments.conv_step_bench``), and the dilated blocks' backward was the largest part
 of a conv fine-tuning step. Both gradients of a stride-1 depthwise convolution are themselves
 cheap depthwise convolutions:
 

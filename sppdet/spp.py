@@ -238,6 +238,17 @@ class _SPPArgmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:
         c, h, w = fmap.shape
+        # channel of each output column: per level a [C, n * n] block, levels concatenated
+        chan = torch.cat(
+            [torch.arange(c, device=fmap.device).repeat_interleave(n * n) for n in levels]
+        )
+        ctx.map_shape = (c, h, w)
+        if fmap.device.type == "cpu" and fmap.dtype == torch.float32 and spp_cpu.available():
+            # the compiled scan: the same values and winning cells as the loop below (its tie
+            # rule too), without R * L small pooling calls
+            values, cells = spp_cpu.spp_argmax_cpu(fmap, windows.cpu(), levels)
+            ctx.save_for_backward(cells + (chan * (h * w)).unsqueeze(0))
+            return values
         fmap = fmap.contiguous()  # crops of a channels-last map take a 100x slower kernel
         rows, cells = [], []
         for x1, y1, x2, y2 in windows.tolist():
@@ -251,13 +262,7 @@ class _SPPArgmax(torch.autograd.Function):
                 idx.append(((i // cw + y1) * w + i % cw + x1).reshape(-1))
             rows.append(torch.cat(vals))
             cells.append(torch.cat(idx))
-        # channel of each output column: per level a [C, n * n] block, levels concatenated
-        chan = torch.cat(
-            [torch.arange(c, device=fmap.device).repeat_interleave(n * n) for n in levels]
-        )
-        flat = torch.stack(cells) + (chan * (h * w)).unsqueeze(0)
-        ctx.save_for_backward(flat)
-        ctx.map_shape = (c, h, w)
+        ctx.save_for_backward(torch.stack(cells) + (chan * (h * w)).unsqueeze(0))
         return torch.stack(rows)
 
     @staticmethod

@@ -26,7 +26,7 @@ try:  # numba is a dependency; the import guard keeps sppdet importable if a bui
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["available", "spp_pool_cpu"]
+__all__ = ["available", "spp_argmax_cpu", "spp_pool_cpu"]
 
 
 def available() -> bool:
@@ -82,6 +82,40 @@ def _kernel(
                         out[r, col + c * m * m] = best[c]
 
 
+def _argmax_kernel(fmap: np.ndarray, windows: np.ndarray, n: int, start: int, out, cells) -> None:
+    """Level ``n`` of every window with its arg-max cells (the gradient path of fine-tuning).
+
+    As :func:`_kernel` for one level, without the nesting shortcut: each bin is scanned in
+    row-major order and keeps its first maximum, the cell that ``F.adaptive_max_pool2d`` picks,
+    so ties route gradients as the loop path does. ``cells[r, col]`` is the winner's ``y * W +
+    x`` on the whole map.
+    """
+    r_total, c_total, width = windows.shape[0], fmap.shape[2], fmap.shape[1]
+    for r in numba.prange(r_total):  # noqa: B020 - numba's parallel range
+        x1, y1, x2, y2 = windows[r, 0], windows[r, 1], windows[r, 2], windows[r, 3]
+        w, h = x2 - x1 + 1, y2 - y1 + 1
+        best = np.empty(c_total, dtype=fmap.dtype)
+        arg = np.empty(c_total, dtype=np.int64)
+        for j in range(n):
+            ys, ye = y1 + (j * h) // n, y1 - ((-(j + 1) * h) // n)
+            for i in range(n):
+                xs, xe = x1 + (i * w) // n, x1 - ((-(i + 1) * w) // n)
+                for c in range(c_total):
+                    best[c] = fmap[ys, xs, c]
+                    arg[c] = ys * width + xs
+                for y in range(ys, ye):
+                    for x in range(xs, xe):
+                        for c in range(c_total):
+                            v = fmap[y, x, c]
+                            if v > best[c]:
+                                best[c] = v
+                                arg[c] = y * width + x
+                col = start + j * n + i
+                for c in range(c_total):
+                    out[r, col + c * n * n] = best[c]
+                    cells[r, col + c * n * n] = arg[c]
+
+
 _compiled: dict = {}
 
 
@@ -116,3 +150,22 @@ def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor
         nested = np.array([levels[k] for k in group], dtype=np.int64)
         kernel(hwc, win, n, nested, starts[group].astype(np.int64), out)
     return torch.from_numpy(out).to(fmap.dtype)
+
+
+def spp_argmax_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Pyramid max pooling of a float32 CPU ``fmap`` and where each maximum lies.
+
+    Returns:
+        (values ``Tensor[R, C * B]`` as :func:`spp_pool_cpu`, cells ``LongTensor[R, C * B]``:
+        each value's cell ``y * W + x`` within its channel of ``fmap``).
+    """
+    c = fmap.shape[0]
+    hwc = np.ascontiguousarray(fmap.detach().float().permute(1, 2, 0).numpy())
+    win = np.ascontiguousarray(windows.numpy().astype(np.int64))
+    starts = np.cumsum([0] + [c * n * n for n in levels])
+    out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
+    cells = np.empty((len(win), int(starts[-1])), dtype=np.int64)
+    kernel = _get(_argmax_kernel)
+    for n, start in zip(levels, starts[:-1], strict=True):
+        kernel(hwc, win, int(n), int(start), out, cells)
+    return torch.from_numpy(out), torch.from_numpy(cells)

@@ -352,6 +352,35 @@ def test_spp_pool_with_gradients_equals_naive_on_channels_last_maps():
     assert fmap.detach().flatten()[grad.flatten().argmax()] == out[3, 7]
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_gradient_path_equals_the_float64_loop(ties, channels_last):
+    # A float32 CPU map with gradients (conv fine-tuning) pools in the compiled arg-max scan;
+    # a float64 one in the loop of adaptive max poolings. Same values, and each output's
+    # gradient on the same cell, ties included (a map of a few integers: many equal maxima,
+    # where both keep the first in row-major order). Integer gradients keep the sums exact.
+    gen = torch.Generator().manual_seed(14)
+    c, h, w = 5, 9, 12
+    if ties:
+        base = torch.randint(0, 4, (1, c, h, w), generator=gen).double()
+    else:
+        base = torch.randperm(c * h * w, generator=gen).double().reshape(1, c, h, w)
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    windows = random_windows(gen, h, w, 15)
+    levels = (6, 3, 2, 1)
+    up = torch.randint(-3, 4, (len(windows), spp_dim(c, levels)), generator=gen).double()
+    outs, grads = [], []
+    for dtype in (torch.float64, torch.float32):
+        f = base[0].to(dtype).requires_grad_(True)
+        out = spp_pool(f, windows, levels)
+        (out * up.to(dtype)).sum().backward()
+        outs.append(out.detach().double())
+        grads.append(f.grad.double())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_spp_pool_cuda_equals_cpu():
