@@ -65,6 +65,11 @@ def packaged_weights(spec: BackboneSpec) -> Path:
 
 
 def imagenet_trunk(spec: BackboneSpec) -> nn.Module:
+    """The full trunk of ``spec.torchvision_model`` with torchvision's ImageNet weights.
+
+    Raises:
+        ConfigError: torchvision has no such model. SppdetError: the download failed (offline).
+    """
     if spec.torchvision_model is None:
         raise ConfigError(
             f"no ImageNet weights are available for {spec.name}; use --weights PATH or random"
