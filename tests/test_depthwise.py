@@ -21,12 +21,19 @@ CASES = [  # (kernel, padding, dilation, batch, bias)
 ]
 
 
+def _inputs(seed: int, shape: tuple[int, ...], kernel, bias: bool):
+    """Float64 ``x Tensor[shape]``, depthwise kernel and optional bias, all with gradients."""
+    torch.manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    return x, w, b
+
+
 @pytest.mark.parametrize(("kernel", "padding", "dilation", "batch", "bias"), CASES)
 def test_gradcheck(kernel, padding, dilation, batch, bias):
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, 9, 11, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 1, *kernel, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if bias else None
+    x, w, b = _inputs(0, (batch, 3, 9, 11), kernel, bias)
     inputs = (x, w) if b is None else (x, w, b)
     assert torch.autograd.gradcheck(
         lambda *t: depthwise_conv2d(*t[:2], t[2] if len(t) > 2 else None, padding, dilation),
@@ -37,10 +44,7 @@ def test_gradcheck(kernel, padding, dilation, batch, bias):
 @pytest.mark.parametrize(("kernel", "padding", "dilation", "batch", "bias"), CASES)
 def test_equals_conv2d_autograd(kernel, padding, dilation, batch, bias):
     # The naive reference: F.conv2d and its autograd backward, in float64.
-    torch.manual_seed(1)
-    x = torch.randn(batch, 4, 12, 10, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 1, *kernel, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    x, w, b = _inputs(1, (batch, 4, 12, 10), kernel, bias)
     up = torch.randn_like(F.conv2d(x, w, b, 1, padding, dilation, groups=4))
     ref = torch.autograd.grad(
         (F.conv2d(x, w, b, 1, padding, dilation, groups=4) * up).sum(),
