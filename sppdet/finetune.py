@@ -33,7 +33,7 @@ from sppdet.errors import ConfigError
 from sppdet.features import SPPConfig
 from sppdet.finetune_batch import Batcher, candidates
 from sppdet.head import ConvTop, FCHead
-from sppdet.storage import atomic_torch_save, atomic_write_json
+from sppdet.storage import atomic_torch_save, atomic_write_json, atomic_write_text
 from sppdet.window_features import WindowFeatures
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
     # and metrics of a resumed run equal an uninterrupted one's (bar the seconds).
     loss_avg, acc = resumed.get("loss_avg"), resumed.get("acc")
     t0 = time.perf_counter() - (resumed.get("seconds") or 0.0)
+    if dist.main:
+        _trim_log(log_path, start)
     top = batcher.top
     model.train()
     if top is not None:
@@ -301,6 +303,25 @@ def _step(model, opt, batcher: Batcher, rng, train, seed: int, dist: Dist) -> fl
     if units is not None:  # the rank's fc6 units (fc6 has no gradient: opt.step skipped it)
         finetune_dist.step_units(model, opt, units, dist)
     return loss.item()
+
+
+def _trim_log(path: Path, start: int) -> None:
+    """Keep the log rows of steps up to ``start`` (the checkpoint resumed from).
+
+    A run killed between a log row and the next checkpoint wrote rows that the resumed run
+    writes again; a kill in the middle of a row leaves half a line. Both go.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", start + 1) <= start:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def _append_log(path: Path, row: dict) -> None:

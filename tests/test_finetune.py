@@ -225,6 +225,35 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(tmp_path, monk
     assert (whole / "log.jsonl").read_text() == (resumed / "log.jsonl").read_text()
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_a_kill_between_a_log_row_and_its_checkpoint_leaves_no_extra_row(
+    tmp_path, monkeypatch, half
+):
+    # At step 4 the log row is written before the checkpoint: a kill in between (or in the
+    # middle of the row) resumes from step 0, which writes the row again. The resumed log must
+    # still equal the uninterrupted one (the fault-injection test caught a duplicated row).
+    whole = tmp_path / "whole"
+    run_finetune(whole)
+    killed = tmp_path / "killed"
+    real_append = ft._append_log
+
+    def append_then_die(path, row):
+        if half:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row)[:9])
+        else:
+            real_append(path, row)
+        raise SimulatedKillError
+
+    monkeypatch.setattr(ft, "_append_log", append_then_die)
+    with pytest.raises(SimulatedKillError):
+        run_finetune(killed)
+    monkeypatch.setattr(ft, "_append_log", real_append)
+    assert not (killed / "checkpoint.pt").exists() and (killed / "log.jsonl").read_text()
+    run_finetune(killed)
+    assert (killed / "log.jsonl").read_text() == (whole / "log.jsonl").read_text()
+
+
 def test_a_different_seed_gives_a_different_model(tmp_path):
     run_finetune(tmp_path / "a")
     run_finetune(tmp_path / "b", dataclasses.replace(CFG, seed=1))
