@@ -244,26 +244,13 @@ class _SPPArgmax(torch.autograd.Function):
         )
         ctx.map_shape = (c, h, w)
         if fmap.device.type == "cpu" and fmap.dtype == torch.float32 and spp_cpu.available():
-            # the compiled scan: the same values and winning cells as the loop below (its tie
-            # rule too), without R * L small pooling calls
+            # the compiled scan: the same values and winning cells as the loop (its tie rule
+            # too), without R * L small pooling calls
             values, cells = spp_cpu.spp_argmax_cpu(fmap, windows.cpu(), levels)
-            ctx.save_for_backward(cells + (chan * (h * w)).unsqueeze(0))
-            return values
-        fmap = fmap.contiguous()  # crops of a channels-last map take a 100x slower kernel
-        rows, cells = [], []
-        for x1, y1, x2, y2 in windows.tolist():
-            crop = fmap[:, y1 : y2 + 1, x1 : x2 + 1].unsqueeze(0)
-            cw = x2 - x1 + 1
-            vals, idx = [], []
-            for n in levels:
-                v, i = F.adaptive_max_pool2d(crop, n, return_indices=True)
-                vals.append(v.reshape(-1))
-                # index within the crop -> index within one channel of the whole map
-                idx.append(((i // cw + y1) * w + i % cw + x1).reshape(-1))
-            rows.append(torch.cat(vals))
-            cells.append(torch.cat(idx))
-        ctx.save_for_backward(torch.stack(cells) + (chan * (h * w)).unsqueeze(0))
-        return torch.stack(rows)
+        else:
+            values, cells = _argmax_loop(fmap, windows, levels)
+        ctx.save_for_backward(cells + (chan * (h * w)).unsqueeze(0))
+        return values
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -272,6 +259,25 @@ class _SPPArgmax(torch.autograd.Function):
         out = grad.new_zeros(c * h * w)
         out.scatter_add_(0, flat.reshape(-1), grad.reshape(-1))
         return out.reshape(c, h, w), None, None
+
+
+def _argmax_loop(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Adaptive max pooling of each cropped window with its winners' cells ``y * W + x``."""
+    w = fmap.shape[2]
+    fmap = fmap.contiguous()  # crops of a channels-last map take a 100x slower kernel
+    rows, cells = [], []
+    for x1, y1, x2, y2 in windows.tolist():
+        crop = fmap[:, y1 : y2 + 1, x1 : x2 + 1].unsqueeze(0)
+        cw = x2 - x1 + 1
+        vals, idx = [], []
+        for n in levels:
+            v, i = F.adaptive_max_pool2d(crop, n, return_indices=True)
+            vals.append(v.reshape(-1))
+            # index within the crop -> index within one channel of the whole map
+            idx.append(((i // cw + y1) * w + i % cw + x1).reshape(-1))
+        rows.append(torch.cat(vals))
+        cells.append(torch.cat(idx))
+    return torch.stack(rows), torch.stack(cells)
 
 
 def _pool_loop(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor:

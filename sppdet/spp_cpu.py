@@ -127,17 +127,23 @@ def _get(fn):
     return _compiled[fn.__name__]
 
 
+def _inputs(fmap: Tensor, windows: Tensor, levels: Sequence[int]):
+    """The kernels' arrays: ``float32[H, W, C]`` map, ``int64[R, 4]`` windows, each level's
+    first output column (and the total at the end), and the ``float32[R, C * B]`` output."""
+    c = fmap.shape[0]
+    hwc = np.ascontiguousarray(fmap.detach().float().permute(1, 2, 0).numpy())
+    win = np.ascontiguousarray(windows.numpy().astype(np.int64))
+    starts = np.cumsum([0] + [c * n * n for n in levels])
+    return hwc, win, starts, np.empty((len(win), int(starts[-1])), dtype=np.float32)
+
+
 def spp_pool_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor:
     """Same contract as :func:`sppdet.spp.spp_pool` for a CPU ``fmap`` without gradients.
 
     Returns ``Tensor[R, C * B]`` in ``fmap``'s dtype (computed in float32: max selects values,
     so the result is exact for fp16/bf16 maps too).
     """
-    c = fmap.shape[0]
-    hwc = np.ascontiguousarray(fmap.detach().float().permute(1, 2, 0).numpy())
-    win = np.ascontiguousarray(windows.numpy().astype(np.int64))
-    starts = np.cumsum([0] + [c * n * n for n in levels])
-    out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
+    hwc, win, starts, out = _inputs(fmap, windows, levels)
     # numba's thread count is the caller's to set, once (sppdet.device.set_threads)
     kernel = _get(_kernel)
     todo = sorted(range(len(levels)), key=lambda k: -levels[k])  # finest first
@@ -159,12 +165,8 @@ def spp_argmax_cpu(fmap: Tensor, windows: Tensor, levels: Sequence[int]) -> tupl
         (values ``Tensor[R, C * B]`` as :func:`spp_pool_cpu`, cells ``LongTensor[R, C * B]``:
         each value's cell ``y * W + x`` within its channel of ``fmap``).
     """
-    c = fmap.shape[0]
-    hwc = np.ascontiguousarray(fmap.detach().float().permute(1, 2, 0).numpy())
-    win = np.ascontiguousarray(windows.numpy().astype(np.int64))
-    starts = np.cumsum([0] + [c * n * n for n in levels])
-    out = np.empty((len(win), int(starts[-1])), dtype=np.float32)
-    cells = np.empty((len(win), int(starts[-1])), dtype=np.int64)
+    hwc, win, starts, out = _inputs(fmap, windows, levels)
+    cells = np.empty(out.shape, dtype=np.int64)
     kernel = _get(_argmax_kernel)
     for n, start in zip(levels, starts[:-1], strict=True):
         kernel(hwc, win, int(n), int(start), out, cells)
