@@ -23,16 +23,9 @@ import torch
 from torch import Tensor
 
 from sppdet.errors import CacheMismatchError
-from sppdet.features import (
-    FeatureCache,
-    FeatureExtractor,
-    ScaleMap,
-    SPPConfig,
-    flip_boxes,
-    pool_distinct_windows,
-    pool_windows,
-)
+from sppdet.features import FeatureCache, FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.timing import PROFILER_LABELS, StageHook
+from sppdet.window_pool import flip_boxes, pool_distinct_windows, pool_windows
 
 #: ``top(Tensor[1, C, h, w]) -> Tensor[1, C', h, w]``: trained conv blocks (fine-tuning).
 TopFn = Callable[[Tensor], Tensor]

@@ -19,9 +19,10 @@ from sppdet.boxes import box_iou
 from sppdet.detect import SCORERS, STAGES, Detections, Detector
 from sppdet.detect import TestConfig as DetConfig  # not "Test*": pytest would collect it
 from sppdet.fastpath import CompressedHead
-from sppdet.features import FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig, pool_windows
+from sppdet.features import FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.head import FCHead
 from sppdet.timing import StageTimer
+from sppdet.window_pool import pool_windows
 
 H, W = 96, 128  # image size (non-square, so a swapped width/height would show)
 CLASSES = ("a", "b", "c")

@@ -26,17 +26,10 @@ from sppdet.fastpath import (
     resolve_fc_dtype,
     truncated_linear,
 )
-from sppdet.features import (
-    FeatureConfig,
-    FeatureExtractor,
-    ScaleMap,
-    SPPConfig,
-    pool_distinct_windows,
-    pool_windows,
-    unique_windows,
-)
+from sppdet.features import FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.head import FCHead
 from sppdet.spp import spp_pool
+from sppdet.window_pool import pool_distinct_windows, pool_windows, unique_windows
 
 
 @pytest.fixture(scope="module")

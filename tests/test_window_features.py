@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from sppdet.errors import CacheMismatchError
-from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, SPPConfig, pool_windows
+from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.rcnn import RCNNProvider
 from sppdet.timing import StageTimer
 from sppdet.window_features import MapProvider, SPPImage, window_features
+from sppdet.window_pool import pool_windows
 
 SPP = SPPConfig(levels=(2, 1))
 
