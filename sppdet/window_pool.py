@@ -29,7 +29,7 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 
 def window_cells(
-    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec
 ) -> tuple[np.ndarray, Tensor]:
     """Where each window is pooled: its scale and its cells on that scale's map.
 
@@ -61,7 +61,7 @@ def window_cells(
 
 
 def unique_windows(
-    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec, spp: SPPConfig
+    maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """Windows that pool the same cells at the same scale have identical SPP vectors.
 
@@ -70,7 +70,7 @@ def unique_windows(
         ``Array[N]`` the position in ``first`` of each window's group, so that
         ``pool_windows(maps, boxes)[i] == pool_windows(maps, boxes[first])[inverse[i]]``.
     """
-    return _distinct(*window_cells(maps, boxes, spec, spp))
+    return _distinct(*window_cells(maps, boxes, spec))
 
 
 def _distinct(which: np.ndarray, cells: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +85,7 @@ def pool_distinct_windows(
     """SPP vectors of the distinct windows only: ``(Tensor[U, D], inverse Array[N])`` with
     ``pool_windows(maps, boxes) == out[inverse]`` (see :func:`unique_windows`); the windows are
     mapped to cells once for both the grouping and the pooling."""
-    which, cells = window_cells(maps, boxes, spec, spp)
+    which, cells = window_cells(maps, boxes, spec)
     first, inverse = _distinct(which, cells)
     sel = torch.from_numpy(first)
     return _pool_cells(maps, which[first], cells[sel], spp), inverse
@@ -106,7 +106,7 @@ def pool_windows(
     Returns:
         ``Tensor[N, C * B]`` float32 on the maps' device (``N = 0`` gives ``[0, D]``).
     """
-    return _pool_cells(maps, *window_cells(maps, boxes, spec, spp), spp)
+    return _pool_cells(maps, *window_cells(maps, boxes, spec), spp)
 
 
 def _pool_cells(

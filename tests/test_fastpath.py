@@ -154,7 +154,7 @@ def test_unique_windows_pool_the_same_vectors():
     xy = rng.uniform(0, 150, size=(300, 2))
     wh = rng.uniform(5, 100, size=(300, 2))
     boxes = np.concatenate([xy, np.minimum(xy + wh, [240, 190])], axis=1).astype(np.float32)
-    first, inverse = unique_windows(maps, boxes, spec, spp)
+    first, inverse = unique_windows(maps, boxes, spec)
     assert len(first) < len(boxes)  # 300 random boxes on small maps share cells
     every = pool_windows(maps, boxes, spec, spp)
     distinct = pool_windows(maps, boxes[first], spec, spp)
