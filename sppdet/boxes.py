@@ -111,6 +111,13 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return b
 
 
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror internal xyxy ``Array[N, 4]`` boxes in an image of ``width`` pixels."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    b[:, [0, 2]] = width - b[:, [2, 0]]
+    return b
+
+
 def valid_boxes_mask(boxes: np.ndarray, min_size: float = 0.0) -> np.ndarray:
     """``Array[N]`` bool: boxes whose width and height both exceed ``max(min_size, 0)``."""
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -33,12 +33,12 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from sppdet.backbones import BackboneSpec, normalize
+from sppdet.boxes import flip_boxes
 from sppdet.errors import SppdetError
 from sppdet.features import FeatureExtractor, SPPConfig
 from sppdet.rcnn_cache import RCNNCache, as_boxes
 from sppdet.spp import SpatialPyramidPool, spp_dim
 from sppdet.timing import PROFILER_LABELS, StageHook
-from sppdet.window_pool import flip_boxes
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sppdet.boxes import flip_boxes
 from sppdet.errors import CacheMismatchError
 from sppdet.features import FeatureCache, FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.timing import PROFILER_LABELS, StageHook
-from sppdet.window_pool import flip_boxes, pool_distinct_windows, pool_windows
+from sppdet.window_pool import pool_distinct_windows, pool_windows
 
 #: ``top(Tensor[1, C, h, w]) -> Tensor[1, C', h, w]``: trained conv blocks (fine-tuning).
 TopFn = Callable[[Tensor], Tensor]

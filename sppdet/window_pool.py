@@ -21,13 +21,6 @@ from sppdet.scales import select_scales
 from sppdet.spp import map_windows, spp_dim, spp_pool
 
 
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Mirror internal xyxy ``Array[N, 4]`` boxes in an image of ``width`` pixels."""
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    b[:, [0, 2]] = width - b[:, [2, 0]]
-    return b
-
-
 def window_cells(
     maps: Sequence[ScaleMap], boxes: np.ndarray, spec: BackboneSpec
 ) -> tuple[np.ndarray, Tensor]:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from sppdet.backbones import BackboneSpec
+from sppdet.boxes import flip_boxes
 from sppdet.errors import CacheMismatchError
 from sppdet.features import FeatureCache, FeatureConfig, FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.spp import map_windows, spp_dim, spp_pool
 from sppdet.window_features import MapProvider
-from sppdet.window_pool import flip_boxes, pool_windows
+from sppdet.window_pool import pool_windows
 
 #: A made-up trunk geometry with a nonzero offset, so the offset is seen to be used.
 SPEC = BackboneSpec("test", stride=16, channels=4, offset=15.0, tap="test", torchvision_model=None)
