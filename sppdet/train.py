@@ -73,13 +73,14 @@ def _done(
 ) -> dict | None:
     """The training stages' skeleton: check ``out``'s manifest (the run's features and the
     stage's ``section``; with ``bound``, also the fine-tuned model the stage's output is only
-    valid for) and return the stage's ``summary`` file when its ``product`` exists (already
-    trained), else None."""
+    valid for) and return the stage's ``summary`` file when its ``product`` and it exist
+    (already trained), else None. Each stage writes its product, then its summary: a stage
+    killed between the two has not finished and runs again (from its checkpoint, if any)."""
     manifest = _stage_manifest(run, section)
     if bound:
         manifest["finetune_model"] = _model_id(run)
     check_manifest(out, manifest, LEGACY_SETTINGS)
-    if not (out / product).exists():
+    if not ((out / product).exists() and (out / summary).exists()):
         return None
     log.info("%s already trained: %s", _PRODUCTS[section], out / product)
     return read_json(out / summary)

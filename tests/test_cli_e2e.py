@@ -269,6 +269,21 @@ def test_second_train_is_a_no_op(trained, caplog):
     assert "box regressors already trained" in messages
 
 
+@pytest.mark.parametrize("stage", ["svm_fc7", "bbox"])
+def test_a_stage_killed_between_its_product_and_summary_runs_again(trained, tmp_path, stage):
+    """The stage's product written, its stats.json not (a kill between the two): `train`
+    retrains the stage instead of failing on the missing summary, to the same bytes."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    (run / stage / "stats.json").unlink()
+    product = run / stage / f"{stage.removesuffix('_fc7')}.npz"
+    invoke("train", run, "--quiet")
+    assert sha256(product) == sha256(trained["run"] / stage / product.name)
+    done = json.loads((trained["run"] / stage / "stats.json").read_text())
+    again = json.loads((run / stage / "stats.json").read_text())
+    assert again.keys() == done.keys() and again.get("classes") == done.get("classes")
+
+
 def test_train_svm_retrain_growth_is_recorded_in_its_stage_only(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, symlinks=True)
