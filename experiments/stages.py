@@ -94,6 +94,13 @@ def _env_threads() -> int | str:
     return int(cap) if cap.isdigit() else "all"
 
 
+def pending(stages: Sequence[Stage]) -> list[Stage]:
+    """The stages not yet on their record: a stage is recorded only once it has succeeded, so a
+    resumed experiment can leave the recorded ones out (e.g. so that a lane that would have held
+    only finished stages does not keep the other lane at one thread)."""
+    return [s for s in stages if s.name not in read_record(s.record)]
+
+
 def run_lanes(lanes: Sequence[Sequence[Stage]]) -> None:
     """Run each lane's stages in order, several lanes side by side with one thread each.
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.stages import Stage, read_record, run_lanes, run_stage
+from experiments.stages import Stage, pending, read_record, run_lanes, run_stage
 from sppdet.run_paths import relative_paths
 from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
 
@@ -130,6 +130,9 @@ def main() -> int:
         return 0
     args.run.mkdir(parents=True, exist_ok=True)
     run_stage(extract_train)
+    # A resumed run skips the side stages that already succeeded (they are on record only
+    # then), so that the train lane gets every thread instead of one beside an empty lane.
+    beside = pending(beside)
     run_lanes([train, beside] if args.lanes == 2 else [train + beside])
     run_stage(evaluate)
     write_results(args, read_record(rec))

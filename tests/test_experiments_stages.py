@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.stages import Stage, read_record, run_lanes, run_stage
+from experiments.stages import Stage, pending, read_record, run_lanes, run_stage
 
 PY = sys.executable
 
@@ -80,3 +80,15 @@ def test_a_thread_cap_of_the_whole_experiment_is_recorded(tmp_path: Path, monkey
     rec = tmp_path / "stages.json"
     run_lanes([[Stage("x", _py("pass"), rec)]])
     assert read_record(rec)["x"]["threads"] == 1
+
+
+def test_pending_leaves_out_the_stages_that_succeeded(tmp_path: Path) -> None:
+    rec = tmp_path / "stages.json"
+    ok = Stage("ok", _py("pass"), rec)
+    bad = Stage("bad", _py("raise SystemExit(1)"), rec)
+    todo = Stage("todo", _py("pass"), rec)
+    assert pending([ok, bad, todo]) == [ok, bad, todo]  # no record yet
+    run_stage(ok)
+    with pytest.raises(SystemExit):
+        run_stage(bad)
+    assert pending([ok, bad, todo]) == [bad, todo]  # a failed stage is still to run
