@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sppdet import boxes as B
-from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes
+from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes, voc_annotation_xml
 from sppdet.errors import ConfigError, DataError
 from sppdet.storage import atomic_write_bytes, atomic_write_text
 
@@ -251,7 +250,9 @@ def write_voc(
         atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in dataset.classes))
     for rec in dataset.records:
         _place_image(rec.path, root / "JPEGImages" / f"{rec.image_id}.jpg", link_images)
-        xml = _annotation_xml(rec, dataset.classes, f"VOC{year}")
+        xml = voc_annotation_xml(
+            rec, dataset.classes, folder=f"VOC{year}", database="sppdet convert"
+        )
         atomic_write_text(root / "Annotations" / f"{rec.image_id}.xml", xml)
     if not same_split:
         atomic_write_text(split_path, "".join(f"{i}\n" for i in ids))
@@ -311,28 +312,3 @@ def _place_image(src: Path, dst: Path, link: bool) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _annotation_xml(rec: ImageRecord, classes: tuple[str, ...], folder: str) -> str:
-    """VOC annotation XML of one record; boxes in VOC 1-based inclusive pixels."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = folder
-    ET.SubElement(root, "filename").text = f"{rec.image_id}.jpg"
-    ET.SubElement(ET.SubElement(root, "source"), "database").text = "sppdet convert"
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", rec.width), ("height", rec.height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(int(value))
-    ET.SubElement(root, "segmented").text = "0"
-    for box, label, difficult in zip(
-        B.to_voc(rec.boxes).tolist(), rec.labels.tolist(), rec.difficult.tolist(), strict=True
-    ):
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = classes[label]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        ET.SubElement(node, "truncated").text = "0"
-        ET.SubElement(node, "difficult").text = str(int(difficult))
-        bndbox = ET.SubElement(node, "bndbox")
-        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
-            ET.SubElement(bndbox, key).text = str(int(value)) if value.is_integer() else repr(value)
-    ET.indent(root, space="\t")
-    return ET.tostring(root, encoding="unicode") + "\n"

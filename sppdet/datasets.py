@@ -142,6 +142,43 @@ class Dataset:
             raise KeyError(f"image id {image_id!r} is not in dataset {self.name}") from None
 
 
+def voc_annotation_xml(
+    rec: ImageRecord, classes: Sequence[str], *, folder: str, database: str
+) -> str:
+    """VOC annotation XML of one record, the format :func:`load_voc` reads back.
+
+    Boxes go out in VOC 1-based inclusive pixels: whole numbers as integers (as the devkit's
+    files have them), others as their float ``repr`` (nothing lost on a round trip).
+
+    Args:
+        rec: the image's ground truth (``boxes`` internal xyxy).
+        classes: label ``i`` is written as ``classes[i]``.
+        folder: the ``<folder>`` text, e.g. ``"VOC2007"``.
+        database: the ``<source><database>`` text: which tool wrote the file.
+    """
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = folder
+    ET.SubElement(root, "filename").text = f"{rec.image_id}.jpg"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = database
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", rec.width), ("height", rec.height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(int(value))
+    ET.SubElement(root, "segmented").text = "0"
+    for box, label, difficult in zip(
+        B.to_voc(rec.boxes).tolist(), rec.labels.tolist(), rec.difficult.tolist(), strict=True
+    ):
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = classes[label]
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = "0"
+        ET.SubElement(node, "difficult").text = str(int(difficult))
+        bndbox = ET.SubElement(node, "bndbox")
+        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
+            ET.SubElement(bndbox, key).text = str(int(value)) if value.is_integer() else repr(value)
+    ET.indent(root, space="\t")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
 def load_classes(path: str | os.PathLike) -> tuple[str, ...]:
     """Read a class list: one name per line; blank lines and ``#`` comments are ignored.
 

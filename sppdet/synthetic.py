@@ -27,7 +27,6 @@ import colorsys
 import io
 import math
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sppdet import boxes as B
+from sppdet.datasets import ImageRecord, voc_annotation_xml
 from sppdet.errors import DataError
 from sppdet.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -296,30 +295,6 @@ def _fits(label: int, rect, mask: np.ndarray, placed: list, config: SyntheticCon
 # ------------------------------------------------------------------------------------- writing
 
 
-def _annotation_xml(image_id: str, width: int, height: int, objects: list[SyntheticObject]) -> str:
-    """VOC annotation XML text; boxes in VOC 1-based inclusive pixels."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "VOC2007"
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
-    ET.SubElement(ET.SubElement(root, "source"), "database").text = "sppdet synthetic"
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    ET.SubElement(root, "segmented").text = "0"
-    for obj in objects:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = SYNTHETIC_CLASSES[obj.label]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        ET.SubElement(node, "truncated").text = "0"
-        ET.SubElement(node, "difficult").text = str(int(obj.difficult))
-        bndbox = ET.SubElement(node, "bndbox")
-        voc = np.round(B.to_voc(obj.box)[0]).astype(int)
-        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), voc, strict=True):
-            ET.SubElement(bndbox, key).text = str(value)
-    ET.indent(root, space="\t")
-    return ET.tostring(root, encoding="unicode") + "\n"
-
-
 def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
@@ -385,7 +360,13 @@ def make_synthetic_voc(
         atomic_write_bytes(
             root / "JPEGImages" / f"{ids[i]}.jpg", _jpeg_bytes(image, config.jpeg_quality)
         )
-        xml = _annotation_xml(ids[i], config.width, config.height, objects)
+        rec = ImageRecord(
+            ids[i], root / "JPEGImages" / f"{ids[i]}.jpg", config.width, config.height,
+            [o.box for o in objects], [o.label for o in objects], [o.difficult for o in objects],
+        )  # fmt: skip
+        xml = voc_annotation_xml(
+            rec, SYNTHETIC_CLASSES, folder="VOC2007", database="sppdet synthetic"
+        )
         atomic_write_text(root / "Annotations" / f"{ids[i]}.xml", xml)
         for obj in objects:
             counts[SYNTHETIC_CLASSES[obj.label]] += 1

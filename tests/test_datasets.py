@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from sppdet.coco_data import load_coco
-from sppdet.datasets import VOC_CLASSES, Dataset, ImageRecord, load_classes, load_voc
+from sppdet.datasets import (
+    VOC_CLASSES,
+    Dataset,
+    ImageRecord,
+    load_classes,
+    load_voc,
+    voc_annotation_xml,
+)
 from sppdet.errors import ConfigError, DataError
 from sppdet.imageio import load_image
 
@@ -81,6 +88,19 @@ def test_load_voc_boxes_labels_difficult(tmp_path):
     with pytest.raises(KeyError, match="voc2007_train"):
         ds.record("999999")
     assert [rec.image_id for rec in ds] == list(ds.image_ids)
+
+
+def test_written_annotation_reads_back_the_same_record(tmp_path):
+    # the writer shared by make-synthetic and convert: whole and fractional VOC coordinates
+    rec = ImageRecord(
+        "a", tmp_path / "a.jpg", 20, 10, [[0, 0, 5, 4], [2.5, 1, 19.75, 10]], [14, 0], [0, 1]
+    )
+    xml = voc_annotation_xml(rec, VOC_CLASSES, folder="VOC2007", database="test")
+    assert "<xmin>1</xmin>" in xml and "<xmin>3.5</xmin>" in xml and "<xmax>19.75</xmax>" in xml
+    back = load_voc(make_voc(tmp_path, {"a": xml}), "train").records[0]
+    np.testing.assert_array_equal(back.boxes, rec.boxes)
+    np.testing.assert_array_equal(back.labels, rec.labels)
+    np.testing.assert_array_equal(back.difficult, rec.difficult)
 
 
 def test_devkit_may_be_the_year_directory(tmp_path):
