@@ -44,6 +44,7 @@ BASELINE_RECIPE = "mnv2_frozen"
 RECIPES = {
     "mnv2_frozen": "MobileNetV2 `features[13]` (96 ch), frozen",
     "mnv2_d17_frozen": "MobileNetV2 to `features[17]` (320 ch, dilated), frozen",
+    "lite0_d_frozen": "EfficientNet-Lite0 to block 15 (320 ch, dilated), frozen",
 }
 
 
@@ -68,7 +69,7 @@ def table(results: list[dict]) -> str:
     rows = [
         "| scales | variant | "
         + " | ".join(RECIPES.get(k, k) for k in recipes)
-        + (" | gain |" if gain else " |")
+        + (" | gain, last over first |" if gain else " |")
         + " paper (VOC07 test, ZF-5) |",
         "|---|---|" + "---|" * (len(recipes) + gain + 1),
     ]
@@ -119,7 +120,8 @@ def caption(results: list[dict]) -> str:
         f"proposals from `../shared` (proposals `{r['config']['data']['proposals']}`). The paper "
         "trains on VOC07 trainval (twice our images) and tests on VOC07 test with ZF-5: its "
         "column is the anchor, not a like-for-like number. Reproduce with the command in each "
-        "results file (`make voc07`, `make voc07-d17-1scale`); `make repro-1scale` reruns the "
+        "results file (`make voc07`, `make voc07-d17-1scale`, `make voc07-lite0-1scale`); "
+        "`make repro-1scale` reruns the "
         "baseline's 1-scale run on a clean clone and compares (`experiments/repro.sh`).",
         "",
     ]
