@@ -33,9 +33,15 @@ from sppdet.detect import (
 )
 from sppdet.distributed import SINGLE, Dist, unshard
 from sppdet.errors import SppdetError
+from sppdet.eval_blocks import BLOCK, EvalBlocks, blocks_key
 from sppdet.imageio import load_image
 from sppdet.locks import writing
-from sppdet.model import RunParts, load_detector, load_detectors, needed_parts
+from sppdet.model import (
+    RunParts,
+    load_detector,
+    load_detectors,
+    needed_parts,
+)
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
 from sppdet.timing import PROFILER_LABELS, StageTimer, synchronize
@@ -182,17 +188,28 @@ def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, d
     props = run.proposals(ds, dist=dist)
     provider = run.provider(ds, cache=cache_maps, dist=dist)
     timers = {name: StageTimer(run.device) for name in variants}
-    t_start = time.perf_counter()
-    mine = []  # this rank's images' detections, {variant: Detections} each
-    for rec in tqdm(
-        dist.shard(ds.records), desc=f"detect {split}", unit="img", disable=not progress
-    ):
-        size = (rec.height, rec.width)
-        pool_for = _image_pools(provider, rec, size, detectors, timers)
-        mine.append(
-            detect_variants(detectors, size, props.boxes_for(rec.image_id), pool_for, timers)
-        )
-    wall = max(dist.gather(time.perf_counter() - t_start))
+    records = dist.shard(ds.records)
+    key = blocks_key(run, split, records, props, detectors, source, cache_maps, dist)
+    blocks = EvalBlocks(run.path("eval", ".blocks"), key, list(variants), dist.rank)
+    if blocks.saved():
+        log.info("eval: resuming, %d block(s) of %d images already detected", blocks.saved(), BLOCK)
+    mine, wall = [], 0.0  # this rank's images' detections ({variant: Detections} each), seconds
+    bar = tqdm(total=len(records), desc=f"detect {split}", unit="img", disable=not progress)
+    for b, start in enumerate(range(0, len(records), BLOCK)):
+        chunk = records[start : start + BLOCK]
+        done = blocks.load(b, len(chunk))
+        if done is None:
+            done = _detect_block(chunk, provider, props, detectors, timers, bar)
+            blocks.save(b, *done)
+        else:
+            for name, seconds in done[1].items():
+                for stage, sec in seconds.items():
+                    timers[name].seconds[stage] += sec
+            bar.update(len(chunk))
+        mine.extend(done[0])
+        wall += done[2]
+    bar.close()
+    wall = max(dist.gather(wall))
     every = unshard(dist.gather(mine))
     rank_seconds = dist.gather({name: dict(t.seconds) for name, t in timers.items()})
     if not dist.main:
@@ -207,13 +224,34 @@ def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, d
             _collect(per_class[name], rec.image_id, d)
     # where conv maps came from: what the "conv" seconds per image measure
     maps = "cache" if cache_maps and run.config.features.cache else "computed"
-    return {
+    out = {
         # the detector's config: "auto" fc dtype resolved to what ran
         name: _finish(
             run, ds, split, name, detectors[name].config, per_class[name], timers[name], wall, maps
         )
         for name in variants
     }
+    blocks.remove()  # every output is written: the saved detections are not needed any more
+    return out
+
+
+def _detect_block(chunk, provider, props, detectors, timers, bar) -> tuple[list, dict, float]:
+    """Detections of ``chunk``'s images, each variant's seconds per stage, wall seconds."""
+    before = {name: dict(t.seconds) for name, t in timers.items()}
+    t0 = time.perf_counter()
+    dets = []
+    for rec in chunk:
+        size = (rec.height, rec.width)
+        pool_for = _image_pools(provider, rec, size, detectors, timers)
+        dets.append(
+            detect_variants(detectors, size, props.boxes_for(rec.image_id), pool_for, timers)
+        )
+        bar.update(1)
+    seconds = {
+        name: {k: v - before[name].get(k, 0.0) for k, v in t.seconds.items()}
+        for name, t in timers.items()
+    }
+    return dets, seconds, time.perf_counter() - t0
 
 
 class _Shared:

@@ -241,6 +241,53 @@ def test_detect_defaults_to_int8_fc_on_a_cpu_and_eval_to_the_runs(trained, tmp_p
     assert seen["detect"] == "float32"
 
 
+def test_an_interrupted_eval_resumes_from_its_saved_blocks(trained, tmp_path, monkeypatch):
+    """eval keeps each block of images' detections until its outputs exist: a rerun after an
+    interruption detects only the images of unsaved blocks and writes the same comp4 lines."""
+    import sppdet.evaluate
+
+    data = trained["data"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for run in (whole, cut):
+        shutil.copytree(trained["run"], run, symlinks=True)
+    args = ("eval", "--voc2007", "--devkit", data, "--split", "val", "--ablations")
+    invoke(*args, "--run", whole)
+    real, calls, fail_at = sppdet.evaluate.detect_variants, [], [5]
+
+    def counting(*a, **k):
+        calls.append(1)
+        if len(calls) in fail_at:  # 5: images 1-3 saved as block 0, block 1 left unsaved
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sppdet.evaluate, "BLOCK", 3)
+    monkeypatch.setattr(sppdet.evaluate, "detect_variants", counting)
+    broken = CliRunner().invoke(cli, [str(a) for a in (*args, "--run", cut)])
+    assert broken.exit_code != 0 and len(calls) == 5
+    assert len(list((cut / "eval" / ".blocks").glob("*/r0_b*.npz"))) == 1
+    calls.clear()
+    fail_at.clear()
+    invoke(*args, "--run", cut)
+    assert len(calls) == 8 - 3  # the 3 saved images were not detected again
+    assert not list((cut / "eval" / ".blocks").iterdir())  # removed with the outputs written
+    names = sorted(p.relative_to(whole) for p in (whole / "eval").glob("*/comp4_*.txt"))
+    assert len(names) == 5 * 4  # five variants (no pool5 SVMs in this run), four classes
+    for name in names:
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+    for ev in (whole / "eval").glob("*/eval.json"):
+        a, b = json.loads(ev.read_text()), json.loads((cut / ev.relative_to(whole)).read_text())
+        assert a["map"] == b["map"] and a["ap"] == b["ap"]
+    # other inputs (here: one variant instead of five) are another key: nothing reused
+    calls.clear()
+    fail_at.append(5)
+    broken = CliRunner().invoke(cli, [str(a) for a in (*args, "--run", cut)])
+    assert broken.exit_code != 0
+    calls.clear()
+    fail_at.clear()
+    invoke("eval", "--voc2007", "--devkit", data, "--split", "val", "--run", cut)
+    assert len(calls) == 8
+
+
 def test_extract_refuses_other_scales_and_repeats_as_a_no_op(trained):
     data, run, cfg = trained["data"], trained["run"], trained["cfg"]
     config_before = (run / "config.yaml").read_text()
