@@ -250,6 +250,7 @@ def test_an_interrupted_eval_resumes_from_its_saved_blocks(trained, tmp_path, mo
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for run in (whole, cut):
         shutil.copytree(trained["run"], run, symlinks=True)
+        shutil.rmtree(run / "eval", ignore_errors=True)  # other tests' evaluations of the run
     args = ("eval", "--voc2007", "--devkit", data, "--split", "val", "--ablations")
     invoke(*args, "--run", whole)
     real, calls, fail_at = sppdet.evaluate.detect_variants, [], [5]
