@@ -36,12 +36,7 @@ from sppdet.errors import SppdetError
 from sppdet.eval_blocks import BLOCK, EvalBlocks, blocks_key
 from sppdet.imageio import load_image
 from sppdet.locks import writing
-from sppdet.model import (
-    RunParts,
-    load_detector,
-    load_detectors,
-    needed_parts,
-)
+from sppdet.model import RunParts, load_detector, load_detectors, needed_parts
 from sppdet.run import Run
 from sppdet.storage import atomic_write_json, git_commit
 from sppdet.timing import PROFILER_LABELS, StageTimer, synchronize
@@ -202,9 +197,7 @@ def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, d
             done = _detect_block(chunk, provider, props, detectors, timers, bar)
             blocks.save(b, *done)
         else:
-            for name, seconds in done[1].items():
-                for stage, sec in seconds.items():
-                    timers[name].seconds[stage] += sec
+            _add_seconds(timers, done[1])
             bar.update(len(chunk))
         mine.extend(done[0])
         wall += done[2]
@@ -215,9 +208,7 @@ def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, d
     if not dist.main:
         return {}
     for other in rank_seconds[1:]:  # per-image seconds over every rank's images
-        for name, seconds in other.items():
-            for stage, sec in seconds.items():
-                timers[name].seconds[stage] += sec
+        _add_seconds(timers, other)
     per_class = {name: defaultdict(list) for name in variants}
     for rec, dets in zip(ds, every, strict=True):
         for name, d in dets.items():
@@ -233,6 +224,14 @@ def _evaluate(run, split, variants, data, limit, progress, source, cache_maps, d
     }
     blocks.remove()  # every output is written: the saved detections are not needed any more
     return out
+
+
+def _add_seconds(timers: Mapping[str, StageTimer], seconds: Mapping[str, Mapping]) -> None:
+    """Charge each variant's timer with seconds per stage measured elsewhere (another rank, or
+    a saved block)."""
+    for name, per_stage in seconds.items():
+        for stage, sec in per_stage.items():
+            timers[name].seconds[stage] += sec
 
 
 def _detect_block(chunk, provider, props, detectors, timers, bar) -> tuple[list, dict, float]:
