@@ -5,7 +5,7 @@ maps computed from the pixels: longer). :func:`~sppdet.evaluate.evaluate_variant
 detections of every :data:`BLOCK` images of its shard as one ``.npz`` (with the seconds they
 took), and a rerun with the same inputs loads the finished blocks instead of detecting them
 again: the comp4 files, APs and per-image seconds come out as from one uninterrupted pass
-(tests/test_eval_blocks.py). The blocks live in ``RUN/eval/.blocks/<key digest>/``; the key holds
+(tests/test_cli_e2e.py). The blocks live in ``RUN/eval/.blocks/<key digest>/``; the key holds
 everything that decides the detections (split and images, proposals, config and test variants,
 the bytes of the trained parts or model file, device, shard, library versions), so a changed
 input starts a fresh set instead of mixing in stale detections. Rank 0 removes the set once the
@@ -37,14 +37,14 @@ from sppdet.storage import (
     versions,
 )
 
-__all__ = ["BLOCK", "EvalBlocks", "blocks_key", "ids_digest"]
+__all__ = ["BLOCK", "EvalBlocks", "blocks_key", "arrays_digest"]
 
 log = logging.getLogger(__name__)
 
 BLOCK = 50  # images per saved block: at most this many images' work is lost to an interruption
 
 
-def ids_digest(arrays: Sequence[np.ndarray]) -> str:
+def arrays_digest(arrays: Sequence[np.ndarray]) -> str:
     """sha256 of a sequence of arrays' shapes, dtypes and bytes (e.g. each image's proposals)."""
     h = hashlib.sha256()
     for a in arrays:
@@ -149,7 +149,7 @@ def blocks_key(run, split, records, props, detectors, source, cache_maps, dist) 
     return {
         "split": split,
         "images": [r.image_id for r in records],
-        "proposals": ids_digest([props.boxes_for(r.image_id) for r in records]),
+        "proposals": arrays_digest([props.boxes_for(r.image_id) for r in records]),
         "config": to_dict(run.config),
         "variants": {name: to_dict(det.config) for name, det in detectors.items()},
         "parts": parts,

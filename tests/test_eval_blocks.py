@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sppdet.detect import Detections
-from sppdet.eval_blocks import EvalBlocks, ids_digest
+from sppdet.eval_blocks import EvalBlocks, arrays_digest
 
 
 def _dets(n: int, seed: int) -> Detections:
@@ -51,9 +51,9 @@ def test_a_torn_block_is_detected_again(tmp_path):
     assert blocks.load(0, 1) is None
 
 
-def test_ids_digest_sees_values_shapes_and_dtypes():
+def test_arrays_digest_sees_values_shapes_and_dtypes():
     a = [np.arange(8, dtype=np.float32).reshape(2, 4)]
-    assert ids_digest(a) == ids_digest([a[0].copy()])
-    assert ids_digest(a) != ids_digest([a[0].reshape(4, 2)])
-    assert ids_digest(a) != ids_digest([a[0].astype(np.float64)])
-    assert ids_digest(a) != ids_digest([a[0] + 1])
+    assert arrays_digest(a) == arrays_digest([a[0].copy()])
+    assert arrays_digest(a) != arrays_digest([a[0].reshape(4, 2)])
+    assert arrays_digest(a) != arrays_digest([a[0].astype(np.float64)])
+    assert arrays_digest(a) != arrays_digest([a[0] + 1])
