@@ -33,7 +33,7 @@ def _scales(value: str | None) -> list[int] | None:
 )
 @click.option("--out", "run_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option(
-    "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default mobilenet_v2_d17)."
+    "--backbone", type=click.Choice(BACKBONES), help="Conv backbone (default efficientnet_lite0_d)."
 )
 @click.option(
     "--weights",

@@ -52,9 +52,9 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
 class FeatureConfig:
     """What determines a conv feature map (all of it goes into the cache manifest)."""
 
-    backbone: str = "mobilenet_v2_d17"  # a key of sppdet.backbones.BACKBONES; the paper uses
-    # zf5. MobileNetV2 to features[17], dilated to stride 16: +4.0 to +5.1 mAP over
-    # features[13] on every VOC07 val row (docs/results.md), so the recipe by default
+    backbone: str = "efficientnet_lite0_d"  # a key of sppdet.backbones.BACKBONES; the paper
+    # uses zf5. EfficientNet-Lite0's MBConv stack dilated to stride 16: the best measured VOC07
+    # val rows (docs/results.md; ahead of mobilenet_v2_d17, itself ahead of features[13])
     weights: str | None = None  # None/"random", "imagenet" (torchvision or a package), a PATH
     seed: int = 0  # initialisation seed for random weights
     scales: tuple[int, ...] = SINGLE_SCALE  # shorter-side sizes (paper 4.1: 688; 5-scale preset)
