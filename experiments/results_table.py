@@ -144,10 +144,14 @@ def caption(results: list[dict]) -> str:
 
 
 def reproductions(folder: Path) -> list[str]:
-    """One line per ``results/reproductions/*.json`` (experiments.repro_check)."""
+    """One line per ``results/reproductions/*.json`` written by experiments.repro_check (the
+    folder also holds other checks' files, e.g. the 300 -> 300 seed study: not reproductions of
+    a full run, and described in the docs where they are cited)."""
     lines = []
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
+        if "reproduced" not in r:
+            continue
         v = r["variants"]
         first = next(iter(v.values()))
         diffs = ", ".join(f"{k} {x['diff_points']:+.2f}" for k, x in v.items())
