@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.stages import Stage, pending, read_record, run_lanes, run_stage
+from experiments import stages
+from experiments.stages import Stage, partial_path, pending, read_record, run_lanes, run_stage
 
 PY = sys.executable
 
@@ -36,6 +37,25 @@ def test_run_stage_failure_records_nothing(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="stage bad failed with exit code 3"):
         run_stage(Stage("bad", _py("raise SystemExit(3)"), rec, then=lambda: called.append(1)))
     assert read_record(rec) == {} and not called
+    assert read_record(partial_path(rec))["bad"] > 0  # its seconds, for the attempt that succeeds
+
+
+def test_seconds_of_attempts_that_never_returned_are_counted(tmp_path, monkeypatch) -> None:
+    rec = tmp_path / "stages.json"
+    partial = partial_path(rec)
+    monkeypatch.setattr(stages, "HEARTBEAT_S", 0.05)
+    # an earlier attempt was killed with its experiment after 100 s (its last heartbeat)
+    partial.write_text('{"s": 100.0, "other": 7.0}')
+    # while this attempt runs, the heartbeat saves 100 s + its seconds so far
+    check = (
+        "import json, time; time.sleep(0.5); "
+        f"s = json.load(open({str(partial)!r}))['s']; assert 100.3 < s < 110, s"
+    )
+    seconds = run_stage(Stage("s", _py(check), rec))
+    got = read_record(rec)["s"]
+    assert got["seconds"] == pytest.approx(100.0 + seconds)
+    assert got["interrupted_seconds"] == 100.0
+    assert read_record(partial) == {"other": 7.0}  # the stage is on record: dropped from it
 
 
 def test_lanes_run_side_by_side_with_one_thread_each(tmp_path: Path) -> None:
