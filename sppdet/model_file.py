@@ -16,12 +16,14 @@ off int8 weights, which brings the VOC model under 40 MB) holding
 * ``provenance``: training data, commit, the run directory, VOC07 val mAP from an
   ``RUN/eval/*/eval.json`` when there is one (else null).
 
-Weight matrices (floating tensors of at least :data:`HALF_MIN_NUMEL` elements) are stored in
-float16 by default; biases, batch-norm statistics and standardisation vectors stay float32.
-``dtype="int8"`` also stores the head's fc6 / fc7 weights (about 90 % of a VOC model) as int8
-with one float32 scale per output row (``head.scales``): the symmetric per-channel rounding of
-:class:`sppdet.fastpath.Int8Linear`, which a CPU detector applies at test time anyway. On load
-everything is float32 again. tests/test_model_file.py measures what float16 and int8 change.
+Weight matrices (floating tensors of at least :data:`sppdet.packing.HALF_MIN_NUMEL` elements)
+are stored in float16 by default; biases, batch-norm statistics and standardisation vectors
+stay float32. ``dtype="int8"`` stores the head's fc6 / fc7 weights (about 85 % of a VOC model;
+the symmetric per-channel rounding of :class:`sppdet.fastpath.Int8Linear`, which a CPU
+detector with int8 instructions applies at test time anyway) and the box regressors' weights as
+int8 with one float32 scale per output channel; the trunk stays float16 (:mod:`sppdet.packing`).
+On load everything is float32 again. tests/test_model_file.py measures what float16 and int8
+change; docs/results.md what the shipped int8 file scores against its run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sppdet.backbones import backbone_spec, build_backbone
@@ -44,10 +45,11 @@ from sppdet.data_source import DataSource
 from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import SppdetError
-from sppdet.fastpath import quantize_rows
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
 from sppdet.head import FCHead
 from sppdet.model import head_path, load_bbox, load_svms, run_classes, trained_parts
+from sppdet.packing import half as to_half
+from sppdet.packing import pack_bbox, pack_head, pack_state, unpack_bbox, unpack_head, unpack_state
 from sppdet.proposals import ProposalConfig
 from sppdet.run import DataConfig, Run, RunConfig
 from sppdet.storage import atomic_write_bytes, git_commit, read_json
@@ -57,18 +59,15 @@ log = logging.getLogger(__name__)
 
 FORMAT = "sppdet-model"
 #: Bumped whenever a reader of the previous version would misread a file (version 2: gzip, and
-#: int8 head weights, which a version-1 reader would take for float values).
-VERSION = 2
+#: int8 head weights, which a version-1 reader would take for float values; version 3: int8
+#: box-regressor weights as an ``{"int8", "scale"}`` dict, see :mod:`sppdet.packing`).
+VERSION = 3
 #: The first bytes of a gzip stream.
 GZIP_MAGIC = b"\x1f\x8b"
 #: Versions this reader reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 #: Export dtypes: how the weight matrices are stored.
 EXPORT_DTYPES = ("float16", "float32", "int8")
-#: Head weights stored as int8 with ``dtype="int8"``.
-INT8_KEYS = ("fc6.weight", "fc7.weight")
-#: Floating tensors with at least this many elements are stored in float16 (``dtype`` float16).
-HALF_MIN_NUMEL = 4096
 #: Where the default model ships (``sppdet detect`` without ``--run`` / ``--model``).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sppdet_voc07.pt"
 
@@ -97,7 +96,7 @@ def export_model(
         raise SppdetError(f"nothing trained in {run.root}; run `sppdet train {run.root}`")
     if run.config.features.mode != "spp":
         raise SppdetError("only SPP-mode runs can be exported (R-CNN mode is the baseline)")
-    half = dtype != "float32"
+    half, int8 = dtype != "float32", dtype == "int8"
     c = run.config
     spec = backbone_spec(c.features.backbone)
     trunk = build_backbone(c.features.backbone, c.features.weights, seed=c.features.seed)
@@ -127,18 +126,18 @@ def export_model(
             "scales": list(c.features.scales),
             "max_size": c.features.max_size,
         },
-        "trunk": _pack(trunk.state_dict(), half),
-        "trunk_top": _pack(top, half) if top is not None else None,
-        "head": None if head is None else _pack_head(head, half, int8=dtype == "int8"),
+        "trunk": pack_state(trunk.state_dict(), half),
+        "trunk_top": pack_state(top, half) if top is not None else None,
+        "head": None if head is None else pack_head(head, half, int8),
         "svms": {
             la: {
-                "W": _half(torch.from_numpy(s.W), half),
+                "W": to_half(torch.from_numpy(s.W), half),
                 "b": torch.from_numpy(s.b),
                 "feature_scale": float(s.feature_scale),
             }  # fmt: skip
             for la, s in svms.items()
         },
-        "bbox": None if bbox is None else _pack_bbox(bbox, half),
+        "bbox": None if bbox is None else pack_bbox(bbox, half, int8),
         "provenance": provenance,
     }
     buf = io.BytesIO()
@@ -146,41 +145,6 @@ def export_model(
     # mtime=0: the same run exports to the same bytes
     atomic_write_bytes(out, gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))
     return provenance
-
-
-def _half(t: torch.Tensor, half: bool) -> torch.Tensor:
-    big = t.is_floating_point() and t.numel() >= HALF_MIN_NUMEL
-    return t.half() if half and big else t
-
-
-def _pack(state: dict, half: bool) -> dict:
-    return {k: _half(v.detach().cpu(), half) for k, v in state.items()}
-
-
-def _pack_head(head: dict, half: bool, int8: bool) -> dict:
-    model, keys = head["model"], INT8_KEYS if int8 else ()
-    state = _pack({k: v for k, v in model.items() if k not in keys}, half)
-    scales = {}
-    for k in keys:
-        state[k], scales[k] = quantize_rows(model[k].detach().cpu().float())
-    return {"config": head["config"], "state": state, "scales": scales}
-
-
-def _unpack_head(h: dict) -> dict:
-    scales = h.get("scales", {})
-    return {
-        k: v.float() * scales[k][:, None] if k in scales else v.float()
-        for k, v in h["state"].items()
-    }
-
-
-def _pack_bbox(bbox: BBoxRegressor, half: bool) -> dict:
-    out = {
-        f: _half(torch.from_numpy(np.asarray(getattr(bbox, f))), half)
-        for f in ("weights", "bias", "target_mean", "target_std", "num_samples")
-    }
-    out["feature_scale"] = float(bbox.feature_scale)
-    return out
 
 
 def _provenance(run: Run, eval_name: str | None) -> dict:
@@ -250,7 +214,7 @@ class ModelFile:
     @property
     def extractor(self) -> FeatureExtractor:
         if "_extractor" not in self.__dict__:
-            trunk = {k: v.float() for k, v in self.blob["trunk"].items()}
+            trunk = unpack_state(self.blob["trunk"])
             ext = FeatureExtractor(self.features, self.device, trunk_state=trunk)
             ext.trunk_id = f"model:{self.path.name}"
             self.__dict__["_extractor"] = ext
@@ -262,7 +226,7 @@ class ModelFile:
         if top is None:
             return self.extractor
         if "_tuned" not in self.__dict__:
-            state = {k: v.float() for k, v in top.items()}
+            state = unpack_state(top)
             self.__dict__["_tuned"] = self.extractor.with_top(state, f"{self.path.name}:tuned")
         return self.__dict__["_tuned"]
 
@@ -285,7 +249,7 @@ class ModelFile:
             return None
         cfg = h["config"]
         head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
-        head.load_state_dict(_unpack_head(h))
+        head.load_state_dict(unpack_head(h))
         return head.to(self.device).eval()
 
     def require_head(self) -> FCHead:
@@ -306,10 +270,7 @@ class ModelFile:
         b = self.blob["bbox"]
         if b is None:
             raise SppdetError(f"model file {self.path} has no box regressors")
-        arrays = {k: v.numpy() for k, v in b.items() if k != "feature_scale"}
-        for k in ("weights", "bias", "target_mean", "target_std"):
-            arrays[k] = arrays[k].astype(np.float32)
-        return BBoxRegressor(**arrays, feature_scale=b["feature_scale"])
+        return unpack_bbox(b)
 
 
 def with_test(run: Run, source: ModelFile | None, test: dict) -> tuple[Run, ModelFile | None]:

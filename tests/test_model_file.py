@@ -98,7 +98,7 @@ def test_float16_model_is_close_to_the_run(trained, exported, tmp_path):
     assert exported["float16"].stat().st_size < 0.6 * exported["float32"].stat().st_size
 
 
-def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported, tmp_path):
+def test_int8_model_rounds_weights_per_channel_and_stays_close(trained, exported, tmp_path):
     run_head = torch.load(Run.open(trained["run"]).path("finetune", "model.pt"), weights_only=True)
     blob = load_blob(exported["int8"])
     head = read_model(exported["int8"], "cpu").head()
@@ -110,8 +110,16 @@ def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported,
         assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()  # round to nearest of each row
         assert err.max() > 0  # it is a rounding: not the float32 weights
     assert blob["version"] == VERSION
-    # detections: the same windows pass NMS, scores within a few 1e-2 of the float32 run
+    # the box regressors too, one scale per class and coordinate; the trunk stays float16
     run = Run.open(trained["run"])
+    trunk = blob["trunk"].values()
+    assert all(isinstance(v, torch.Tensor) for v in trunk)
+    assert any(v.dtype == torch.float16 for v in trunk)
+    assert blob["bbox"]["weights"]["int8"].dtype == torch.int8
+    rounded = read_model(exported["int8"], "cpu").bbox().weights
+    err = np.abs(rounded - load_bbox(run).weights)
+    assert (err <= blob["bbox"]["weights"]["scale"].numpy() / 2 * (1 + 1e-5)).all()
+    # detections: the same windows pass NMS, scores within a few 1e-2 of the float32 run
     a = load_detector(run.with_test(score_threshold=-1e9, fc_dtype="float32"))
     m = read_model(exported["int8"], "cpu")
     b = load_detector(m, dataclasses.replace(m.test, score_threshold=-1e9, fc_dtype="float32"))
@@ -123,6 +131,7 @@ def test_int8_model_rounds_fc_weights_per_row_and_stays_close(trained, exported,
         assert len(da.scores) == len(db.scores) > 0
         order_a, order_b = np.lexsort((da.scores, da.labels)), np.lexsort((db.scores, db.labels))
         np.testing.assert_allclose(da.scores[order_a], db.scores[order_b], atol=5e-2)
+        np.testing.assert_allclose(da.boxes[order_a], db.boxes[order_b], atol=1.0)  # regressed
     # int8 saves a byte per fc6 / fc7 weight against float16 (less the row scales)
     fc_numel = sum(blob["head"]["state"][f"{n}.weight"].numel() for n in ("fc6", "fc7"))
     saved = exported["float16"].stat().st_size - exported["int8"].stat().st_size
@@ -191,7 +200,7 @@ def test_other_format_versions_are_refused(exported, tmp_path):
     path = tmp_path / "future.pt"
     torch.save(blob, path)
     with pytest.raises(
-        SppdetError, match=f"format version {VERSION + 1}.*reads versions 1, 2: re-export"
+        SppdetError, match=f"format version {VERSION + 1}.*reads versions 1, 2, 3: re-export"
     ):
         read_model(path)
 
