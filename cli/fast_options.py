@@ -26,8 +26,9 @@ _TEST_OPTIONS = [
     click.option(
         "--fc-dtype",
         type=click.Choice(TEST_FC_DTYPES),
-        help="fc6/fc7 arithmetic: auto (int8 on a CPU, float32 on a GPU), float32 or int8. "
-        "Default: auto for detect, the run's or model's for eval.",
+        help="fc6/fc7 arithmetic: auto (int8 on a CPU with int8 dot-product instructions, "
+        "AVX512-VNNI / AVX-VNNI / AMX; float32 elsewhere: without them int8 is about 100x "
+        "slower), float32 or int8. Default: auto for detect, the run's or model's for eval.",
     ),
     _CONV,
     _DEDUP,

@@ -56,8 +56,9 @@ class TestConfig:
     svd_fc7: int = 0  # rank of fc7's truncated SVD; 0 = exact fc7
     fc_dtype: str = "auto"  # fc stage: float32 | bfloat16 autocast (CPU/CUDA) | float16
     # autocast (CUDA) | int8 matmuls for fc6/fc7 (CPU; sppdet.fastpath.Int8Linear) | auto:
-    # int8 on a CPU, float32 on a GPU (sppdet.fastpath.resolve_fc_dtype; issue 7 asks for the
-    # fastest setting within 0.3 mAP points, and int8 was measured inside that on VOC07 val)
+    # int8 on a CPU with int8 dot-product instructions, else float32 (a GPU, or an AVX2-only CPU
+    # where torch._int_mm is ~100x slower; sppdet.fastpath.resolve_fc_dtype; issue 7 asks for
+    # the fastest setting within 0.3 mAP points, and int8 was measured inside that on VOC07 val)
 
 
 @dataclass
