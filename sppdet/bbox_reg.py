@@ -235,7 +235,7 @@ class BBoxRegressor:
         scale = (
             {} if self.feature_scale is None else {"feature_scale": np.float64(self.feature_scale)}
         )
-        atomic_save_npz(path, **{f: getattr(self, f) for f in _FIELDS}, **scale)
+        atomic_save_npz(path, **{f: getattr(self, f) for f in ARRAY_FIELDS}, **scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BBoxRegressor:
@@ -243,9 +243,10 @@ class BBoxRegressor:
         try:
             with np.load(path, allow_pickle=False) as z:
                 scale = float(z["feature_scale"]) if "feature_scale" in z.files else None
-                return cls(**{f: z[f] for f in _FIELDS}, feature_scale=scale)
+                return cls(**{f: z[f] for f in ARRAY_FIELDS}, feature_scale=scale)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read box regressors {path}: {exc}") from exc
 
 
-_FIELDS = ("weights", "bias", "target_mean", "target_std", "num_samples")
+#: The arrays of a :class:`BBoxRegressor` (its ``.npz`` keys; :mod:`sppdet.packing` stores them).
+ARRAY_FIELDS = ("weights", "bias", "target_mean", "target_std", "num_samples")

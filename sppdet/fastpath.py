@@ -53,11 +53,20 @@ def truncated_linear(fc: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def quantize_symmetric(w: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 rounding with one scale per slice over ``dims``: int8 ``q`` of ``w``'s
+    shape and float32 ``scale`` with size 1 in ``dims``, ``w ~= q * scale`` with
+    ``|q| <= INT8_MAX`` (error at most ``scale / 2``)."""
+    amax = w.abs().amax(dim=dims, keepdim=True)
+    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+    return torch.round(w / scale).to(torch.int8), scale
+
+
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """``Tensor[O, I]`` float -> int8 ``Tensor[O, I]`` and float32 ``Tensor[O]`` scales, one
     per row: symmetric, ``w ~= q * scale[:, None]`` with ``|q| <= INT8_MAX``."""
-    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-    return torch.round(w / scale[:, None]).to(torch.int8), scale
+    q, scale = quantize_symmetric(w, (1,))
+    return q, scale[:, 0]
 
 
 class Int8Linear(nn.Module):

@@ -26,15 +26,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from sppdet.bbox_reg import BBoxRegressor
-from sppdet.fastpath import INT8_MAX, quantize_rows
+from sppdet.bbox_reg import ARRAY_FIELDS, BBoxRegressor
+from sppdet.fastpath import quantize_rows, quantize_symmetric
 
 #: Floating tensors with at least this many elements are stored in float16 (or int8).
 HALF_MIN_NUMEL = 4096
 #: Head weights stored as int8 with the int8 export.
 INT8_KEYS = ("fc6.weight", "fc7.weight")
-#: Box-regressor arrays stored by the model file.
-BBOX_FIELDS = ("weights", "bias", "target_mean", "target_std", "num_samples")
 
 
 def _big(t: torch.Tensor) -> bool:
@@ -53,10 +51,8 @@ def quantize(t: torch.Tensor, dims: Iterable[int]) -> dict[str, torch.Tensor]:
         ``{"int8": q, "scale": s}``: ``q`` int8 of ``t``'s shape with ``|q| <= 127``, ``s``
         float32 with size 1 in ``dims`` (``t ~= q * s``; error at most ``s / 2``).
     """
-    t = t.detach().float()
-    amax = t.abs().amax(dim=tuple(dims), keepdim=True)
-    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-    return {"int8": torch.round(t / scale).to(torch.int8), "scale": scale}
+    q, scale = quantize_symmetric(t.detach().float(), tuple(dims))
+    return {"int8": q, "scale": scale}
 
 
 def unpack(v: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -104,11 +100,10 @@ def unpack_head(h: dict) -> dict[str, torch.Tensor]:
 def pack_bbox(bbox: BBoxRegressor, half_on: bool, int8: bool) -> dict:
     """Box regressors for the file; with ``int8`` the ``Array[K, D, 4]`` weights get one scale
     per class and coordinate (the other arrays are small and stay as they are)."""
-    out: dict = {
-        f: half(torch.from_numpy(np.asarray(getattr(bbox, f))), half_on) for f in BBOX_FIELDS
-    }
-    if int8:
-        out["weights"] = quantize(torch.from_numpy(np.asarray(bbox.weights)), (1,))
+    out: dict = {}
+    for f in ARRAY_FIELDS:
+        t = torch.from_numpy(np.asarray(getattr(bbox, f)))
+        out[f] = quantize(t, (1,)) if int8 and f == "weights" else half(t, half_on)
     out["feature_scale"] = float(bbox.feature_scale)
     return out
 
