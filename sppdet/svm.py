@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 
 from sppdet.errors import ConfigError, DataError
 from sppdet.storage import atomic_save_npz
@@ -91,6 +89,10 @@ def train_linear_svm(
         ``w`` ``Array[D]`` float32, ``b`` (already multiplied by the bias feature's value, as
         ``spp_train.m`` does), and whether liblinear converged within ``max_iter``.
     """
+    # imported here: scikit-learn (with scipy) takes ~0.5 s to import, and detection never fits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
     x = np.concatenate([pos, neg], dtype=np.float64)  # liblinear works in float64: copy once
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svm = LinearSVC(
