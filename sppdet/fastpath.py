@@ -227,7 +227,8 @@ def cpu_has_int8_dot() -> bool:
 
 def resolve_conv_dtype(dtype: str, device: torch.device) -> str:
     """``auto`` (test time only) -> ``bfloat16`` on a CPU with native bf16
-    (:func:`cpu_has_native_bf16`; within 0.3 mAP points of float32 on VOC07 val,
+    (:func:`cpu_has_native_bf16`; within 0.3 mAP points of float32 on VOC07 val with the
+    MobileNetV2 ``features[13]`` trunk, but -0.44 with the EfficientNet-Lite0 model,
     docs/fast_path.md), ``float32`` elsewhere (CUDA's float32 convs already use TF32; fp16 is
     unmeasured there)."""
     if dtype != "auto":
