@@ -14,8 +14,8 @@ Usage::
     python -m experiments.detect_timing --out benchmarks/detect_lite0_epyc_vnni.json \\
         IMAGE [IMAGE ...]
 
-Both use ``detect``'s defaults (``--fc-dtype auto --conv-dtype auto``) unless ``--fc-dtype`` /
-``--conv-dtype`` are given. Writes the timings, the detections' top classes, the machine and the
+Both use ``detect``'s defaults (``--fc-dtype auto``, the model's conv dtype) unless
+``--fc-dtype`` / ``--conv-dtype`` are given. Writes the timings, the detections' top classes, the machine and the
 commit to ``--out``.
 """
 
@@ -109,12 +109,13 @@ def main() -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fc-dtype", default="auto")
-    p.add_argument("--conv-dtype", default="auto")
+    p.add_argument("--conv-dtype", help="default: the model's (as detect)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     exe = shutil.which("sppdet") or str(Path(sys.executable).with_name("sppdet"))
-    extra = ["--fc-dtype", args.fc_dtype, "--conv-dtype", args.conv_dtype]
-    extra += ["--threads", str(args.threads)]
+    extra = ["--fc-dtype", args.fc_dtype, "--threads", str(args.threads)]
+    if args.conv_dtype is not None:
+        extra += ["--conv-dtype", args.conv_dtype]
     record = {"what": "sppdet detect with the shipped model file, proposals computed"}
     record["commands"] = commands(exe, args.images, extra)
     record["in_process"] = in_process(
