@@ -15,8 +15,8 @@ Usage::
         IMAGE [IMAGE ...]
 
 Both use ``detect``'s defaults (``--fc-dtype auto``, the model's conv dtype) unless
-``--fc-dtype`` / ``--conv-dtype`` are given. Writes the timings, the detections' top classes, the machine and the
-commit to ``--out``.
+``--fc-dtype`` / ``--conv-dtype`` are given. Writes the timings, the detections' top classes,
+the machine and the commit to ``--out``.
 """
 
 from __future__ import annotations
