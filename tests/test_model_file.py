@@ -25,6 +25,7 @@ import sppdet
 from sppdet.bbox_reg import BBoxRegressor
 from sppdet.detect import Detector
 from sppdet.errors import SppdetError
+from sppdet.fastpath import resolve_fc_dtype
 from sppdet.model import load_bbox, load_detector, load_detectors
 from sppdet.model_file import FORMAT, VERSION, export_model, read_model
 from sppdet.run import Run
@@ -76,6 +77,11 @@ def test_float32_model_detects_exactly_as_the_run(trained, exported, tmp_path):
     assert detect_json(tmp_path, *images, "--model", exported["float32"], *soft) == soft_run
     det = sppdet.load_model(exported["float32"], device="cpu")
     assert isinstance(det, Detector) and det.classes == trained["classes"]
+    # fc as detect's default (auto: int8 only with int8 dot products); None: the model's
+    assert det.config.fc_dtype == resolve_fc_dtype("auto", torch.device("cpu"))
+    own = sppdet.load_model(exported["float32"], device="cpu", fc_dtype=None)
+    stored = read_model(exported["float32"], "cpu").test.fc_dtype
+    assert own.config.fc_dtype == resolve_fc_dtype(stored, torch.device("cpu"))
 
 
 def test_float16_model_is_close_to_the_run(trained, exported, tmp_path):
