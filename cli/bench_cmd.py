@@ -30,7 +30,7 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option(
     "--model-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="With --model: directory for its proposals (default runs/<model>).",
+    help="With --model: directory for its proposals (default runs/<model stem>-<sha256[:8]>).",
 )
 @click.option(
     "--methods",

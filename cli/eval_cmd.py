@@ -40,7 +40,8 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
     "--model-dir",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="With --model: directory for its proposals and eval outputs (default runs/<model>).",
+    help="With --model: directory for its proposals and eval outputs (default "
+    "runs/<model stem>-<sha256[:8]>).",
 )
 @click.option("--scorer", type=click.Choice(SCORERS), help="With --run: scores used.")
 @click.option("--layer", type=click.Choice(["fc7", "fc6", "pool5"]), help="With --run: SVM layer.")
@@ -191,8 +192,16 @@ def open_run_or_model(run_dir, model, out_dir, data, device: str = "auto"):
     from sppdet.model_file import model_run, read_model
 
     source = read_model(model, device)
-    root = out_dir if out_dir is not None else Path("runs") / model.stem
+    root = out_dir if out_dir is not None else default_model_dir(model)
     return model_run(source, root, data=data), source
+
+
+def default_model_dir(model: Path) -> Path:
+    """``runs/<stem>-<first 8 hex of the file's sha256>``: a re-exported model of the same name
+    gets its own directory instead of one made with the old file's settings (refused)."""
+    from sppdet.storage import file_sha256
+
+    return Path("runs") / f"{model.stem}-{file_sha256(model)[:8]}"
 
 
 def _eval_run(run, source, split, test, name, json_out, opts):

@@ -187,6 +187,23 @@ def test_eval_with_a_model_file(trained, exported, tmp_path):
     assert (tmp_path / "mrun" / "eval" / "val" / "eval.json").is_file()
 
 
+def test_the_default_model_dir_is_keyed_by_the_files_bytes(exported, tmp_path):
+    """A re-exported model of the same name gets its own default directory (the old one was
+    made with the old file's settings and would be refused)."""
+    from sppdet_cli.eval_cmd import default_model_dir
+
+    a, b = tmp_path / "a" / "voc.pt", tmp_path / "b" / "voc.pt"
+    for path, src in ((a, exported["float32"]), (b, exported["float16"])):
+        path.parent.mkdir()
+        path.write_bytes(Path(src).read_bytes())
+    assert default_model_dir(a).parent == Path("runs")
+    assert default_model_dir(a).name.startswith("voc-")
+    assert default_model_dir(a) != default_model_dir(b)
+    assert default_model_dir(a) == default_model_dir(Path(exported["float32"])).with_name(
+        "voc-" + default_model_dir(Path(exported["float32"])).name.rsplit("-", 1)[1]
+    )
+
+
 def test_a_file_that_is_not_a_model_is_a_one_line_error(trained, exported, tmp_path):
     image = val_images(trained, 1)[0]
     bad = tmp_path / "notes.pt"
