@@ -163,7 +163,7 @@ def _fold_standardization(head: nn.Module) -> nn.Linear:
     """fc6 applied to ``(x - mean) / std`` as one linear layer: ``W' = W / std``,
     ``b' = b - W' mean`` (saves a pass over the ``[N, D]`` input)."""
     # float32 division is correctly rounded, as float64 division rounded to float32 is, so W'
-    # is the same either way at a quarter of the time; the bias's dot products sum in float64
+    # is the same without a float64 copy of the weights; the bias's dot products sum in float64
     w = head.fc6.weight.detach().float() / head.in_std.float()[None, :]
     b = head.fc6.bias.detach().double() - w.double() @ head.in_mean.double()
     return _linear(w, b.float())

@@ -96,9 +96,18 @@ def load_trunk_top(path: str | Path) -> dict | None:
 def load_head(path: str | Path, device: torch.device | str = "cpu") -> FCHead:
     """Load a fine-tuned head saved by :func:`~sppdet.finetune.finetune` (``weights_only=True``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = state["config"]
-    head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
-    head.load_state_dict(state["model"])
+    return head_from_state(state["config"], state["model"], device)
+
+
+def head_from_state(
+    config: dict, state: dict[str, Tensor], device: torch.device | str = "cpu"
+) -> FCHead:
+    """An eval-mode :class:`FCHead` of ``config`` (``in_dim``, ``hidden``, ``num_classes``)
+    holding the tensors of ``state`` (its state_dict)."""
+    # built on the meta device: no random init of the weights replaced next (~0.3 s for fc6)
+    with torch.device("meta"):
+        head = FCHead(config["in_dim"], config["hidden"], config["num_classes"])
+    head.load_state_dict(state, assign=True)
     return head.to(device).eval()
 
 

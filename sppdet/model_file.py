@@ -46,7 +46,7 @@ from sppdet.detect import TestConfig
 from sppdet.device import resolve_device
 from sppdet.errors import SppdetError
 from sppdet.features import FeatureConfig, FeatureExtractor, SPPConfig
-from sppdet.head import FCHead
+from sppdet.head import FCHead, head_from_state
 from sppdet.model import head_path, load_bbox, load_svms, run_classes, trained_parts
 from sppdet.packing import half as to_half
 from sppdet.packing import pack_bbox, pack_head, pack_state, unpack_bbox, unpack_head, unpack_state
@@ -247,11 +247,7 @@ class ModelFile:
         h = self.blob["head"]
         if h is None:
             return None
-        cfg = h["config"]
-        with torch.device("meta"):  # no random init of the weights loaded next (~0.3 s)
-            head = FCHead(cfg["in_dim"], cfg["hidden"], cfg["num_classes"])
-        head.load_state_dict(unpack_head(h), assign=True)
-        return head.to(self.device).eval()
+        return head_from_state(h["config"], unpack_head(h), self.device)
 
     def require_head(self) -> FCHead:
         head = self.head()
