@@ -120,7 +120,8 @@ def caption(results: list[dict]) -> str:
         f"proposals from `../shared` (proposals `{r['config']['data']['proposals']}`). The paper "
         "trains on VOC07 trainval (twice our images) and tests on VOC07 test with ZF-5: its "
         "column is the anchor, not a like-for-like number. Reproduce with the command in each "
-        "results file (`make voc07`, `make voc07-d17-1scale`, `make voc07-lite0-1scale`); "
+        "results file (`make voc07`, `make voc07-d17-1scale`, `make voc07-lite0-1scale`, "
+        "`make voc07-lite0-5scale`); "
         "`make repro-1scale` reruns the "
         "baseline's 1-scale run on a clean clone and compares (`experiments/repro.sh`).",
         "",
