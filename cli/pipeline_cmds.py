@@ -250,9 +250,16 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
     "last training (default: the run's svm.retrain_growth; 0: R-CNN's rule, every 2,000 new "
     "hard negatives). For wide capped caches, e.g. 0.5 for a 16,000-d pool5.",
 )
+@click.option(
+    "--prior",
+    type=click.Choice(["none", "classifier"]),
+    default=None,
+    help="classifier: each fc7 SVM adapts the fine-tuned classifier's score (its logit minus "
+    "the background's) instead of starting from zero (default: the run's svm.prior).",
+)
 @_QUIET
 @MODE
-def train_svm_command(run_dir, layer, retrain_growth, quiet, mode):
+def train_svm_command(run_dir, layer, retrain_growth, prior, quiet, mode):
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
     from sppdet_cli.distributed import single_process_only
 
@@ -263,6 +270,8 @@ def train_svm_command(run_dir, layer, retrain_growth, quiet, mode):
     run = open_run(run_dir, mode)
     if retrain_growth is not None:
         run = run.with_svm(retrain_growth=retrain_growth)
+    if prior is not None:
+        run = run.with_svm(prior=prior)
     s = run_train_svm(run, layer, progress=not quiet)
     click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
 

@@ -58,8 +58,19 @@ class SVMConfig:
     use_difficult: bool = False  # difficult objects as positives, and windows overlapping them
     # not negatives: R-CNN's roidb_from_voc.m keeps every object for SVM training (SPP-net
     # reuses it); py-faster-rcnn drops them. False: the earlier results' protocol
+    prior: str = "none"  # "classifier": adapt the fine-tuned classifier instead of starting from
+    # 0 (A-SVM, Yang et al. 2007): class c's linear score logit_c - logit_background on fc7 is an
+    # extra feature column whose weight is nearly free, so the fit is that score plus a
+    # correction regularised as the plain SVM's w. Why: the plain fc7 SVMs score 3.5-5.5 points
+    # under the softmax of the same features (docs/results.md, "SVM vs softmax"). fc7 only
+    prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
+    # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 
     def __post_init__(self) -> None:
+        if self.prior not in ("none", "classifier"):
+            raise ConfigError(f"svm.prior: {self.prior!r} is not 'none' or 'classifier'")
+        if not self.prior_scaling > 0:
+            raise ConfigError(f"svm.prior_scaling: {self.prior_scaling} must be > 0")
         if self.pos_iou is not None and not self.neg_iou <= self.pos_iou <= 1.0:
             # below neg_iou one window could be a positive and a negative of the same class
             raise ConfigError(
@@ -80,15 +91,49 @@ def feature_scale_from_samples(features: np.ndarray, target_norm: float = 20.0) 
     return target_norm / mean
 
 
+def classifier_prior(
+    weight: np.ndarray, bias: np.ndarray, feature_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's logit minus the background's, as linear scores on scaled features.
+
+    Args:
+        weight: ``Array[K + 1, D]`` the fine-tuned classifier's weights, background first.
+        bias: ``Array[K + 1]``.
+        feature_scale: the factor the SVM features carry (``feature_scale_from_samples``).
+
+    Returns:
+        ``(Array[D, K], Array[K])``: ``x . P[:, c] + p[c] = logit_c - logit_0`` of the raw
+        features ``x / feature_scale`` (float32, computed in float64).
+    """
+    w, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+    P = (w[1:] - w[0]).T / feature_scale
+    return P.astype(np.float32), (b[1:] - b[0]).astype(np.float32)
+
+
 def train_linear_svm(
-    pos: np.ndarray, neg: np.ndarray, config: SVMConfig, seed: int = 0
+    pos: np.ndarray,
+    neg: np.ndarray,
+    config: SVMConfig,
+    seed: int = 0,
+    prior: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, float, bool]:
     """One liblinear fit: ``Array[P, D]`` positives vs ``Array[Q, D]`` negatives.
+
+    ``prior``: ``(Array[D] d, d0)``, a linear score ``x . d + d0`` the fit adapts
+    (``svm.prior``): it joins the features as a column scaled by ``prior_scaling``, and its
+    weight is folded back, so the result is one linear SVM ``x . w + b`` either way.
 
     Returns:
         ``w`` ``Array[D]`` float32, ``b`` (already multiplied by the bias feature's value, as
         ``spp_train.m`` does), and whether liblinear converged within ``max_iter``.
     """
+    if prior is not None:
+        d, d0 = np.asarray(prior[0], np.float64), float(prior[1])
+        lam = config.prior_scaling
+        pos, neg = (np.column_stack([x, lam * (x @ d + d0)]) for x in (pos, neg))
+        w, b, converged = train_linear_svm(pos, neg, config, seed)
+        a = float(w[-1]) * lam
+        return (w[:-1] + a * d).astype(np.float32), b + a * d0, converged
     # imported here: scikit-learn (with scipy) takes ~0.5 s to import, and detection never fits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
@@ -116,7 +161,11 @@ def train_linear_svm(
 def svm_objective(
     w: np.ndarray, b: float, pos: np.ndarray, neg: np.ndarray, config: SVMConfig
 ) -> dict[str, float]:
-    """Primal objective terms, as ``spp_train.m`` prints them, and training accuracy."""
+    """Primal objective terms, as ``spp_train.m`` prints them, and training accuracy.
+
+    With ``svm.prior`` the regulariser counts the whole folded ``w`` (the prior's direction
+    included), not the adapted fit's ``||v||^2 + a^2``: compare such objectives only to each
+    other."""
     z_pos, z_neg = pos @ w + b, neg @ w + b
     pos_loss = config.C * config.pos_weight * float(np.maximum(0, 1 - z_pos).sum())
     neg_loss = config.C * float(np.maximum(0, 1 + z_neg).sum())

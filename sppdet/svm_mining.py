@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from sppdet.errors import DataError
+from sppdet.errors import ConfigError, DataError
 from sppdet.svm import LinearSVMs, SVMConfig, svm_objective, train_linear_svm
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class SVMTrainer:
         config: :class:`SVMConfig`.
         feature_scale: the factor the caller applied to the features (stored with the SVMs).
         seed: liblinear's random seed (its dual coordinate descent shuffles).
+        prior: with ``svm.prior``, ``(Array[D, K], Array[K])``: each class's linear score on the
+            scaled features that its SVM adapts (:func:`~sppdet.svm.train_linear_svm`).
     """
 
     def __init__(
@@ -164,9 +166,19 @@ class SVMTrainer:
         config: SVMConfig | None = None,
         feature_scale: float = 1.0,
         seed: int = 0,
+        prior: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.num_classes, self.dim = num_classes, dim
         self.config = config or SVMConfig()
+        if (prior is None) != (self.config.prior == "none"):
+            given = "no prior" if prior is None else "a prior"
+            raise ConfigError(f"svm.prior is {self.config.prior!r} but {given} was given")
+        self.prior = None
+        if prior is not None:
+            self.prior = (np.asarray(prior[0], np.float32), np.asarray(prior[1], np.float32))
+            if self.prior[0].shape != (dim, num_classes) or self.prior[1].shape != (num_classes,):
+                shape = self.prior[0].shape
+                raise ConfigError(f"svm prior of shape {shape} for D={dim}, K={num_classes}")
         self.feature_scale, self.seed = feature_scale, seed
         self.W = np.zeros((dim, num_classes), np.float32)
         self.b = np.zeros(num_classes, np.float32)
@@ -240,7 +252,8 @@ class SVMTrainer:
         cache, cfg = self.caches[c], self.config
         cache.trim()
         pos, (neg, _) = cache.positives(), cache.negatives()
-        w, b, converged = train_linear_svm(pos, neg, cfg, self.seed)
+        prior = None if self.prior is None else (self.prior[0][:, c], float(self.prior[1][c]))
+        w, b, converged = train_linear_svm(pos, neg, cfg, self.seed, prior)
         stats = svm_objective(w, b, pos, neg, cfg)
         cache.rescore_and_evict(w, b, cfg.evict_threshold)
         self.W[:, c], self.b[c] = w, b
@@ -285,6 +298,8 @@ class SVMTrainer:
             "feature_scale": np.float64(self.feature_scale),
             "stats": np.asarray(json.dumps(self._stats)),
         }
+        if self.prior is not None:
+            out.update(prior_W=self.prior[0], prior_b=self.prior[1])
         for c, cache in enumerate(self.caches):
             out.update({f"c{c}/{k}": v for k, v in cache.state().items()})
         return out
@@ -300,7 +315,8 @@ class SVMTrainer:
         """
         try:
             dim, num_classes = state["W"].shape
-            trainer = cls(num_classes, dim, config, float(state["feature_scale"]), seed)
+            prior = (state["prior_W"], state["prior_b"]) if "prior_W" in state else None
+            trainer = cls(num_classes, dim, config, float(state["feature_scale"]), seed, prior)
             trainer.W, trainer.b = state["W"].astype(np.float32), state["b"].astype(np.float32)
             trainer.images = int(state["images"])
             trainer._trained_at = [int(i) for i in state["trained_at"]]
@@ -310,7 +326,7 @@ class SVMTrainer:
                 cache.load_state(
                     {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
                 )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, ConfigError) as exc:
             raise DataError(f"not an SVM mining state: {exc}") from exc
         return trainer
 

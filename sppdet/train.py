@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sppdet.bbox_train import BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.distributed import SINGLE, Dist
-from sppdet.errors import DataError, SppdetError
+from sppdet.errors import ConfigError, DataError, SppdetError
 from sppdet.finetune import finetune
 from sppdet.head import LAYERS, FCHead, load_head
 from sppdet.imageio import load_image
@@ -36,7 +36,7 @@ from sppdet.storage import (
     file_sha256,
     read_json,
 )
-from sppdet.svm import LinearSVMs, feature_scale_from_samples
+from sppdet.svm import LinearSVMs, classifier_prior, feature_scale_from_samples
 from sppdet.svm_mining import SVMTrainer
 from sppdet.windows import label_windows
 
@@ -54,7 +54,14 @@ NORM_SAMPLE_IMAGES = 50
 #: stages trained before they were added (at their default) or removed (at the value that
 #: remains, see ``sppdet.run.REMOVED_KEYS``) stay valid.
 LEGACY_SETTINGS = {
-    "svm": {"retrain_growth": 0.0, "loss": "hinge", "dedup_neg_iou": None, "pos_iou": None}
+    "svm": {
+        "retrain_growth": 0.0,
+        "loss": "hinge",
+        "dedup_neg_iou": None,
+        "pos_iou": None,
+        "prior": "none",
+        "prior_scaling": 10.0,
+    }
 }
 
 
@@ -201,6 +208,8 @@ def _run_train_svm(run: Run, layer: str, progress: bool, checkpoint_seconds: flo
     props = run.proposals(ds)
     provider = run.provider(ds, tuned=finetuned)
     head = _head(run, layer) if finetuned else None
+    if run.config.svm.prior == "classifier" and layer != "fc7":  # the classifier reads fc7
+        raise ConfigError(f"svm.prior: classifier adapts fc7 SVMs; --layer {layer} has none")
     ckpt = out / "checkpoint.npz"
     trainer, before = _resume_svm(ckpt, run.config.svm, len(ds))
     if trainer is None:
@@ -275,7 +284,11 @@ def _svm_with_positives(run: Run, ds, props, provider, head, layer, scale, progr
             ys.append(labels)
     if not xs:
         raise SppdetError("no non-difficult ground-truth boxes in the training images")
-    trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], cfg, feature_scale=scale)
+    prior = None
+    if cfg.prior == "classifier":
+        w, b = head.cls.weight.detach().cpu().numpy(), head.cls.bias.detach().cpu().numpy()
+        prior = classifier_prior(w, b, scale)
+    trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], cfg, feature_scale=scale, prior=prior)
     trainer.add_positives(np.concatenate(xs), np.concatenate(ys))
     return trainer
 

@@ -348,6 +348,29 @@ def test_train_svm_retrain_growth_is_recorded_in_its_stage_only(trained, tmp_pat
     assert res.exit_code != 0 and "retrain_growth" in res.output
 
 
+def test_train_svm_prior_classifier_adapts_the_fine_tuned_classifier(trained, tmp_path):
+    """--prior classifier trains fc7 SVMs that differ from the plain ones and score the
+    training windows like the classifier (logit_c - logit_0); pool5 has no classifier."""
+    from sppdet.svm import LinearSVMs, classifier_prior
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, symlinks=True)
+    shutil.rmtree(run / "svm_fc7")
+    invoke("train-svm", run, "--layer", "fc7", "--prior", "classifier", "--quiet")
+    assert json.loads((run / "svm_fc7/manifest.json").read_text())["svm"]["prior"] == "classifier"
+    new, old = (LinearSVMs.load(r / "svm_fc7/svm.npz") for r in (run, trained["run"]))
+    assert not np.allclose(new.W, old.W)
+    state = torch.load(run / "finetune/model.pt", weights_only=True)["model"]
+    P, _ = classifier_prior(state["cls.weight"].numpy(), state["cls.bias"].numpy())
+    for c in range(P.shape[1]):  # the prior's direction dominates each class's SVM
+        cos = new.W[:, c] @ P[:, c] / (np.linalg.norm(new.W[:, c]) * np.linalg.norm(P[:, c]))
+        assert cos > 0.7, (c, cos)  # the plain SVMs': 0.34-0.55
+    res = CliRunner().invoke(
+        cli, ["train-svm", str(run), "--layer", "pool5", "--prior", "classifier"]
+    )
+    assert res.exit_code != 0 and "svm.prior" in res.output
+
+
 def test_train_svm_interrupted_resumes_from_its_checkpoint(trained, tmp_path, monkeypatch):
     """Killed while mining, the SVM stage resumes from svm_fc7/checkpoint.npz and trains the
     SVMs that the uninterrupted stage trained, to the last bit."""
