@@ -75,6 +75,7 @@ def row(label: str, runs: str, split: str = "val") -> dict:
             evals[v] = read_json(path)
     ft = run / "finetune" / "metrics.json"
     metrics = read_json(ft) if ft.exists() else {}
+    svm = run / "svm_fc7" / "stats.json"
     return {
         "label": label,
         "run": str(run),
@@ -89,6 +90,7 @@ def row(label: str, runs: str, split: str = "val") -> dict:
         "commit": {v: e.get("commit") for v, e in evals.items()},
         "finetune_seconds": metrics.get("seconds"),
         "finetune_heldout_accuracy": metrics.get("heldout_accuracy"),
+        "svm_fc7_seconds": read_json(svm).get("seconds") if svm.exists() else None,
         "config": cfg,
     }
 
