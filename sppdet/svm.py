@@ -128,18 +128,17 @@ def train_linear_svm(
         ``w`` ``Array[D]`` float32, ``b`` (already multiplied by the bias feature's value, as
         ``spp_train.m`` does), and whether liblinear converged within ``max_iter``.
     """
-    if prior is not None:
-        d, d0 = np.asarray(prior[0], np.float64), float(prior[1])
-        lam = config.prior_scaling
-        pos, neg = (np.column_stack([x, lam * (x @ d + d0)]) for x in (pos, neg))
-        w, b, converged = train_linear_svm(pos, neg, config, seed)
-        a = float(w[-1]) * lam
-        return (w[:-1] + a * d).astype(np.float32), b + a * d0, converged
     # imported here: scikit-learn (with scipy) takes ~0.5 s to import, and detection never fits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
-    x = np.concatenate([pos, neg], dtype=np.float64)  # liblinear works in float64: copy once
+    # liblinear works in float64: copy once, with room for the prior's column
+    dim = pos.shape[1]
+    x = np.empty((len(pos) + len(neg), dim + (prior is not None)), np.float64)
+    x[: len(pos), :dim], x[len(pos) :, :dim] = pos, neg
+    if prior is not None:
+        d, d0 = np.asarray(prior[0], np.float64), float(prior[1])
+        x[:, dim] = config.prior_scaling * (x[:, :dim] @ d + d0)
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svm = LinearSVC(
         C=config.C,
@@ -156,7 +155,11 @@ def train_linear_svm(
         warnings.simplefilter("always", ConvergenceWarning)
         svm.fit(x, y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return svm.coef_[0].astype(np.float32), float(svm.intercept_[0]), converged
+    w, b = svm.coef_[0], float(svm.intercept_[0])
+    if prior is not None:  # fold the prior column's weight back into w and b
+        a = float(w[dim]) * config.prior_scaling
+        w, b = w[:dim] + a * d, b + a * d0
+    return w.astype(np.float32), b, converged
 
 
 def svm_objective(

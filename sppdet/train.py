@@ -194,6 +194,8 @@ def run_train_svm(
     ``checkpoint_seconds``; a rerun resumes from it (the same SVMs as an uninterrupted run)."""
     if layer not in LAYERS:
         raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
+    if run.config.svm.prior == "classifier" and layer != "fc7":  # the classifier reads fc7
+        raise ConfigError(f"svm.prior: classifier adapts fc7 SVMs; --layer {layer} has none")
     with writing(run.root, f"svm_{layer}"):
         return _run_train_svm(run, layer, progress, checkpoint_seconds)
 
@@ -208,8 +210,6 @@ def _run_train_svm(run: Run, layer: str, progress: bool, checkpoint_seconds: flo
     props = run.proposals(ds)
     provider = run.provider(ds, tuned=finetuned)
     head = _head(run, layer) if finetuned else None
-    if run.config.svm.prior == "classifier" and layer != "fc7":  # the classifier reads fc7
-        raise ConfigError(f"svm.prior: classifier adapts fc7 SVMs; --layer {layer} has none")
     ckpt = out / "checkpoint.npz"
     trainer, before = _resume_svm(ckpt, run.config.svm, len(ds))
     if trainer is None:
