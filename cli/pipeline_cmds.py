@@ -252,10 +252,11 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
 )
 @click.option(
     "--prior",
-    type=click.Choice(["none", "classifier"]),
+    type=click.Choice(["none", "classifier", "softmax"]),
     default=None,
     help="classifier: each fc7 SVM adapts the fine-tuned classifier's score (its logit minus "
-    "the background's) instead of starting from zero (default: the run's svm.prior).",
+    "the background's) instead of starting from zero; softmax: its log posterior, a score "
+    "kept beside the SVM's (default: the run's svm.prior).",
 )
 @_QUIET
 @MODE

@@ -75,6 +75,23 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sppdet_voc0
 # ------------------------------------------------------------------------------- export
 
 
+_SVM_PRIOR = ("prior_W", "prior_b", "prior_a")
+
+
+def _pack_svms(s: LinearSVMs, half: bool) -> dict:
+    """One layer's SVMs as tensors (the weights in float16 with ``half``); with
+    ``svm.prior: softmax`` also the classifier they adapt and their weights of it."""
+    out = {
+        "W": to_half(torch.from_numpy(s.W), half),
+        "b": torch.from_numpy(s.b),
+        "feature_scale": float(s.feature_scale),
+    }
+    if s.has_prior:
+        out["prior_W"] = to_half(torch.from_numpy(s.prior_W), half)
+        out.update(prior_b=torch.from_numpy(s.prior_b), prior_a=torch.from_numpy(s.prior_a))
+    return out
+
+
 def export_model(
     run: Run, out: str | Path, *, dtype: str = "float16", eval_name: str | None = None
 ) -> dict:
@@ -129,14 +146,7 @@ def export_model(
         "trunk": pack_state(trunk.state_dict(), half),
         "trunk_top": pack_state(top, half) if top is not None else None,
         "head": None if head is None else pack_head(head, half, int8),
-        "svms": {
-            la: {
-                "W": to_half(torch.from_numpy(s.W), half),
-                "b": torch.from_numpy(s.b),
-                "feature_scale": float(s.feature_scale),
-            }  # fmt: skip
-            for la, s in svms.items()
-        },
+        "svms": {la: _pack_svms(s, half) for la, s in svms.items()},
         "bbox": None if bbox is None else pack_bbox(bbox, half, int8),
         "provenance": provenance,
     }
@@ -259,8 +269,12 @@ class ModelFile:
         s = self.blob["svms"].get(layer)
         if s is None:
             raise SppdetError(f"model file {self.path} has no {layer} SVMs")
+        prior = {k: s[k].float().numpy() for k in _SVM_PRIOR if k in s}  # svm.prior: softmax
         return LinearSVMs(
-            W=s["W"].float().numpy(), b=s["b"].float().numpy(), feature_scale=s["feature_scale"]
+            W=s["W"].float().numpy(),
+            b=s["b"].float().numpy(),
+            feature_scale=s["feature_scale"],
+            **prior,
         )
 
     def bbox(self) -> BBoxRegressor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 
 from sppdet.errors import ConfigError, DataError
 from sppdet.storage import atomic_save_npz
+
+PRIORS = ("none", "classifier", "softmax")  # SVMConfig.prior's values
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,16 @@ class SVMConfig:
     # extra feature column whose weight is nearly free, so the fit is that score plus a
     # correction regularised as the plain SVM's w. Why: the plain fc7 SVMs score 3.5-5.5 points
     # under the softmax of the same features. Measured (Lite0, VOC07 val, fc7 / fc7 + bb): +1.4
-    # / +2.4 at 1 scale, +0.4 / -0.6 at 5 scales (docs/results.md), so off by default. fc7 only
+    # / +2.4 at 1 scale, +0.4 / -0.6 at 5 scales (docs/results.md), so off by default. fc7 only.
+    # "softmax": the prior is the classifier's log posterior log p_c (its logits normalised over
+    # all classes, which no linear score expresses); the SVMs then keep the classifier and its
+    # weight a_c beside w (LinearSVMs.prior_*), as the score is not linear in fc7
     prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
     # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 
     def __post_init__(self) -> None:
-        if self.prior not in ("none", "classifier"):
-            raise ConfigError(f"svm.prior: {self.prior!r} is not 'none' or 'classifier'")
+        if self.prior not in PRIORS:
+            raise ConfigError(f"svm.prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
         if not self.prior_scaling > 0:
             raise ConfigError(f"svm.prior_scaling: {self.prior_scaling} must be > 0")
         if self.pos_iou is not None and not self.neg_iou <= self.pos_iou <= 1.0:
@@ -111,6 +117,41 @@ def classifier_prior(
     return P.astype(np.float32), (b[1:] - b[0]).astype(np.float32)
 
 
+def softmax_prior(
+    weight: np.ndarray, bias: np.ndarray, feature_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fine-tuned classifier on scaled features (``svm.prior: softmax``).
+
+    Args:
+        weight: ``Array[K + 1, D]`` the classifier's weights, background first.
+        bias: ``Array[K + 1]``.
+        feature_scale: the factor the SVM features carry.
+
+    Returns:
+        ``(Array[D, K + 1], Array[K + 1])`` float32: ``x . P + p`` of the scaled features
+        ``x`` are the logits of the raw ones (:func:`log_posterior` reads them).
+    """
+    P = np.asarray(weight, np.float64).T / feature_scale
+    return P.astype(np.float32), np.asarray(bias, np.float32)
+
+
+def log_posterior(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The classifier's log posteriors of the object classes (``svm.prior: softmax``).
+
+    Args:
+        x: ``Array[N, D]`` features.
+        weight: ``Array[D, K + 1]`` the classifier on those features, background first.
+        bias: ``Array[K + 1]``.
+
+    Returns:
+        ``Array[N, K]`` float64 ``log p_c`` (the background's column dropped).
+    """
+    # the product in the rows' dtype (no float64 copy of a 15,000-row cache), the rest in float64
+    z = (np.asarray(x) @ np.asarray(weight)).astype(np.float64) + np.asarray(bias, np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return z[:, 1:] - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def train_linear_svm(
     pos: np.ndarray,
     neg: np.ndarray,
@@ -128,6 +169,43 @@ def train_linear_svm(
         ``w`` ``Array[D]`` float32, ``b`` (already multiplied by the bias feature's value, as
         ``spp_train.m`` does), and whether liblinear converged within ``max_iter``.
     """
+    if prior is None:
+        w, b, _, converged = _liblinear(pos, neg, None, config, seed)
+        return w.astype(np.float32), b, converged
+    d, d0 = np.asarray(prior[0], np.float64), float(prior[1])
+    w, b, a, converged = _liblinear(pos, neg, lambda x: x @ d + d0, config, seed)
+    # fold the prior's weight back: x . w + b + a (x . d + d0) is one linear score
+    return (w + a * d).astype(np.float32), b + a * d0, converged
+
+
+def train_adapted_svm(
+    pos: np.ndarray,
+    neg: np.ndarray,
+    prior: np.ndarray | Callable[[np.ndarray], np.ndarray] | None,
+    config: SVMConfig,
+    seed: int = 0,
+) -> tuple[np.ndarray, float, float, bool]:
+    """One liblinear fit of ``x . w + b + a prior(x)``, ``prior`` a fixed score the fit adapts
+    (A-SVM): its values join the features as a column scaled by ``prior_scaling``, so ``a``
+    costs ``(a / prior_scaling)^2 / 2`` while ``w`` is regularised as a plain SVM's.
+
+    Args:
+        pos: ``Array[P, D]`` positives.
+        neg: ``Array[Q, D]`` negatives.
+        prior: the prior scores ``Array[P + Q]`` of the positives then the negatives, or a
+            function giving them from the ``Array[P + Q, D]`` float64 rows; ``None``: a plain
+            SVM (``a = 0``).
+
+    Returns:
+        ``w`` ``Array[D]`` float32, ``b`` (times the bias feature's value, as ``spp_train.m``),
+        ``a`` and whether liblinear converged within ``max_iter``.
+    """
+    w, b, a, converged = _liblinear(pos, neg, prior, config, seed)
+    return w.astype(np.float32), b, a, converged
+
+
+def _liblinear(pos, neg, prior, config, seed):
+    """:func:`train_adapted_svm` with ``w`` in float64."""
     # imported here: scikit-learn (with scipy) takes ~0.5 s to import, and detection never fits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
@@ -137,8 +215,8 @@ def train_linear_svm(
     x = np.empty((len(pos) + len(neg), dim + (prior is not None)), np.float64)
     x[: len(pos), :dim], x[len(pos) :, :dim] = pos, neg
     if prior is not None:
-        d, d0 = np.asarray(prior[0], np.float64), float(prior[1])
-        x[:, dim] = config.prior_scaling * (x[:, :dim] @ d + d0)
+        values = prior(x[:, :dim]) if callable(prior) else np.asarray(prior, np.float64)
+        x[:, dim] = config.prior_scaling * values
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svm = LinearSVC(
         C=config.C,
@@ -156,21 +234,27 @@ def train_linear_svm(
         svm.fit(x, y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     w, b = svm.coef_[0], float(svm.intercept_[0])
-    if prior is not None:  # fold the prior column's weight back into w and b
-        a = float(w[dim]) * config.prior_scaling
-        w, b = w[:dim] + a * d, b + a * d0
-    return w.astype(np.float32), b, converged
+    a = float(w[dim]) * config.prior_scaling if prior is not None else 0.0
+    return w[:dim], b, a, converged
 
 
 def svm_objective(
-    w: np.ndarray, b: float, pos: np.ndarray, neg: np.ndarray, config: SVMConfig
+    w: np.ndarray,
+    b: float,
+    pos: np.ndarray,
+    neg: np.ndarray,
+    config: SVMConfig,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Primal objective terms, as ``spp_train.m`` prints them, and training accuracy.
 
-    With ``svm.prior`` the regulariser counts the whole folded ``w`` (the prior's direction
-    included), not the adapted fit's ``||v||^2 + a^2``: compare such objectives only to each
-    other."""
+    ``offsets``: ``(Array[P], Array[Q])`` added to the scores (``svm.prior: softmax``: ``a``
+    times the prior). With ``svm.prior`` the regulariser counts ``w`` alone (the folded ``w``
+    of ``classifier``, the prior's direction included), not the adapted fit's: compare such
+    objectives only to each other."""
     z_pos, z_neg = pos @ w + b, neg @ w + b
+    if offsets is not None:
+        z_pos, z_neg = z_pos + offsets[0], z_neg + offsets[1]
     pos_loss = config.C * config.pos_weight * float(np.maximum(0, 1 - z_pos).sum())
     neg_loss = config.C * float(np.maximum(0, 1 + z_neg).sum())
     reg_loss = 0.5 * float(w @ w) + 0.5 * (b / config.intercept_scaling) ** 2
@@ -194,11 +278,35 @@ class LinearSVMs:
         W: ``Array[D, K]`` float32, on features multiplied by ``feature_scale``.
         b: ``Array[K]`` float32.
         feature_scale: the factor that brings raw features to mean L2 norm ``target_norm``.
+        prior_W: ``svm.prior: softmax`` only (else ``None``): ``Array[D, K + 1]`` float32, the
+            fine-tuned classifier on features multiplied by ``feature_scale`` (background
+            first), whose log posterior ``log p_c`` each class's score adds ``prior_a[c]`` times.
+        prior_b: ``Array[K + 1]`` float32, its bias.
+        prior_a: ``Array[K]`` float32, each class's weight of its prior.
     """
 
     W: np.ndarray
     b: np.ndarray
     feature_scale: float
+    prior_W: np.ndarray | None = None  # noqa: N815 (W as in W, the matrix)
+    prior_b: np.ndarray | None = None
+    prior_a: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        given = [a is not None for a in (self.prior_W, self.prior_b, self.prior_a)]
+        if any(given) and not all(given):
+            raise ValueError("LinearSVMs: prior_W, prior_b and prior_a go together")
+        if all(given):
+            dim, k = self.W.shape
+            if self.prior_W.shape != (dim, k + 1) or self.prior_b.shape != (k + 1,):
+                raise ValueError(f"LinearSVMs: a prior of {self.prior_W.shape} for W of {dim, k}")
+            if self.prior_a.shape != (k,):
+                raise ValueError(f"LinearSVMs: prior_a of {self.prior_a.shape}, expected {(k,)}")
+
+    @property
+    def has_prior(self) -> bool:
+        """Whether the scores add the classifier's weighted log posterior (``softmax``)."""
+        return self.prior_W is not None
 
     @property
     def num_classes(self) -> int:
@@ -222,22 +330,37 @@ class LinearSVMs:
         pass ~40 ms slower per image. On CUDA it also saves moving fc7 to the host.
         """
         x = features.float().reshape(-1, self.W.shape[0])
-        w = torch.from_numpy(self.W).to(device=x.device, dtype=torch.float32)
-        b = torch.from_numpy(self.b).to(device=x.device, dtype=torch.float32)
-        z = x @ w
+        if self.has_prior:  # one product for both: x [W | prior_W]
+            z = x @ self._tensor(np.concatenate([self.W, self.prior_W], 1), x)
+        else:
+            z = x @ self._tensor(self.W, x)
         if not scaled:
             z = z * float(self.feature_scale)
-        return z + b
+        k = self.num_classes
+        out = z[:, :k] + self._tensor(self.b, x)
+        if self.has_prior:  # + a_c log p_c (svm.prior: softmax)
+            logp = torch.log_softmax(z[:, k:] + self._tensor(self.prior_b, x), dim=1)
+            out = out + logp[:, 1:] * self._tensor(self.prior_a, x)
+        return out
+
+    @staticmethod
+    def _tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(a).to(device=like.device, dtype=torch.float32)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` atomically."""
-        atomic_save_npz(path, W=self.W, b=self.b, feature_scale=np.float64(self.feature_scale))
+        prior = {k: getattr(self, k) for k in self._PRIOR} if self.has_prior else {}
+        scale = np.float64(self.feature_scale)
+        atomic_save_npz(path, W=self.W, b=self.b, feature_scale=scale, **prior)
+
+    _PRIOR = ("prior_W", "prior_b", "prior_a")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LinearSVMs:
         """Read what :meth:`save` wrote; a missing file or key is a :class:`DataError`."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(W=z["W"], b=z["b"], feature_scale=float(z["feature_scale"]))
+                prior = {k: z[k] for k in cls._PRIOR if k in z.files}
+                return cls(W=z["W"], b=z["b"], feature_scale=float(z["feature_scale"]), **prior)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read SVMs {path}: {exc}") from exc

@@ -26,7 +26,14 @@ import logging
 import numpy as np
 
 from sppdet.errors import ConfigError, DataError
-from sppdet.svm import LinearSVMs, SVMConfig, svm_objective, train_linear_svm
+from sppdet.svm import (
+    LinearSVMs,
+    SVMConfig,
+    log_posterior,
+    svm_objective,
+    train_adapted_svm,
+    train_linear_svm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +116,21 @@ class HardNegativeCache:
             self._neg_scores = [np.concatenate(self._neg_scores or empty[1])]
         return self._neg[0], self._neg_scores[0]
 
-    def rescore_and_evict(self, w: np.ndarray, b: float, evict_threshold: float) -> np.ndarray:
+    def rescore_and_evict(
+        self, w: np.ndarray, b: float, evict_threshold: float, offset: np.ndarray | None = None
+    ) -> np.ndarray:
         """Score the cache with a new model, drop negatives below ``evict_threshold``.
+
+        Args:
+            offset: ``Array[Q]`` added to each negative's score (``svm.prior: softmax``).
 
         Returns:
             the scores ``Array[Q]`` of the negatives before eviction.
         """
         neg, _ = self.negatives()
         z = neg @ w + b
+        if offset is not None:
+            z = z + offset
         keep = np.flatnonzero(z >= evict_threshold)
         self.evicted += len(neg) - len(keep)
         self._keep(keep, neg, z)
@@ -155,8 +169,11 @@ class SVMTrainer:
         config: :class:`SVMConfig`.
         feature_scale: the factor the caller applied to the features (stored with the SVMs).
         seed: liblinear's random seed (its dual coordinate descent shuffles).
-        prior: with ``svm.prior``, ``(Array[D, K], Array[K])``: each class's linear score on the
-            scaled features that its SVM adapts (:func:`~sppdet.svm.train_linear_svm`).
+        prior: with ``svm.prior``, on the scaled features: ``classifier``: ``(Array[D, K],
+            Array[K])``, each class's linear score that its SVM adapts
+            (:func:`~sppdet.svm.classifier_prior`); ``softmax``: ``(Array[D, K + 1],
+            Array[K + 1])``, the classifier whose log posteriors they adapt
+            (:func:`~sppdet.svm.softmax_prior`).
     """
 
     def __init__(
@@ -176,9 +193,14 @@ class SVMTrainer:
         self.prior = None
         if prior is not None:
             self.prior = (np.asarray(prior[0], np.float32), np.asarray(prior[1], np.float32))
-            if self.prior[0].shape != (dim, num_classes) or self.prior[1].shape != (num_classes,):
+            k = num_classes + (self.config.prior == "softmax")  # softmax: background too
+            if self.prior[0].shape != (dim, k) or self.prior[1].shape != (k,):
                 shape = self.prior[0].shape
-                raise ConfigError(f"svm prior of shape {shape} for D={dim}, K={num_classes}")
+                raise ConfigError(
+                    f"svm.prior {self.config.prior}: a prior of shape {shape} for "
+                    f"D={dim}, K={num_classes}"
+                )
+        self.A = np.zeros(num_classes, np.float32)  # each class's prior weight (softmax)
         self.feature_scale, self.seed = feature_scale, seed
         self.W = np.zeros((dim, num_classes), np.float32)
         self.b = np.zeros(num_classes, np.float32)
@@ -228,6 +250,8 @@ class SVMTrainer:
         pos = np.asarray(is_gt, bool).reshape(-1) & (gt_labels >= 0)
         self.add_positives(x[pos], gt_labels[pos])
         scores = x @ self.W + self.b  # the one per-image matmul: all rows x all classes
+        if self._softmax:
+            scores += (self.A * self._log_posterior(x)).astype(np.float32)
         hard = (np.asarray(max_iou).reshape(len(x), -1) < cfg.neg_iou) & (
             scores > cfg.hard_threshold
         )
@@ -248,14 +272,28 @@ class SVMTrainer:
         growth = self.config.retrain_growth
         return not self.caches[c].trained or mined >= (1 + growth) * self._trained_at[c]
 
+    @property
+    def _softmax(self) -> bool:
+        return self.config.prior == "softmax"
+
+    def _log_posterior(self, x: np.ndarray) -> np.ndarray:
+        """``Array[N, K]`` the classifier's log posteriors of scaled rows (``softmax``)."""
+        return log_posterior(x, self.prior[0], self.prior[1])
+
     def _train(self, c: int) -> None:
         cache, cfg = self.caches[c], self.config
         cache.trim()
         pos, (neg, _) = cache.positives(), cache.negatives()
-        prior = None if self.prior is None else (self.prior[0][:, c], float(self.prior[1][c]))
-        w, b, converged = train_linear_svm(pos, neg, cfg, self.seed, prior)
-        stats = svm_objective(w, b, pos, neg, cfg)
-        cache.rescore_and_evict(w, b, cfg.evict_threshold)
+        offsets = None
+        if self._softmax:
+            s_pos, s_neg = self._log_posterior(pos)[:, c], self._log_posterior(neg)[:, c]
+            w, b, a, converged = train_adapted_svm(pos, neg, np.r_[s_pos, s_neg], cfg, self.seed)
+            offsets, self.A[c] = (a * s_pos, a * s_neg), a
+        else:
+            prior = None if self.prior is None else (self.prior[0][:, c], float(self.prior[1][c]))
+            w, b, converged = train_linear_svm(pos, neg, cfg, self.seed, prior)
+        stats = svm_objective(w, b, pos, neg, cfg, offsets)
+        cache.rescore_and_evict(w, b, cfg.evict_threshold, None if offsets is None else offsets[1])
         self.W[:, c], self.b[c] = w, b
         st = self._stats[c]
         st.update(stats, positives=len(pos), negatives_trained=len(neg), converged=converged)
@@ -285,7 +323,12 @@ class SVMTrainer:
                     "svm class %d: %d pos / %d neg, not trained", c, cache.num_pos, cache.num_neg
                 )
                 self.b[c] = -1.0
-        return LinearSVMs(W=self.W.copy(), b=self.b.copy(), feature_scale=self.feature_scale)
+        prior = {}
+        if self._softmax:
+            prior = {"prior_W": self.prior[0], "prior_b": self.prior[1], "prior_a": self.A.copy()}
+        return LinearSVMs(
+            W=self.W.copy(), b=self.b.copy(), feature_scale=self.feature_scale, **prior
+        )
 
     def state(self) -> dict[str, np.ndarray]:
         """Everything mining has learnt so far, as flat arrays (``np.savez`` without pickle):
@@ -299,7 +342,7 @@ class SVMTrainer:
             "stats": np.asarray(json.dumps(self._stats)),
         }
         if self.prior is not None:
-            out.update(prior_W=self.prior[0], prior_b=self.prior[1])
+            out.update(prior_W=self.prior[0], prior_b=self.prior[1], prior_a=self.A)
         for c, cache in enumerate(self.caches):
             out.update({f"c{c}/{k}": v for k, v in cache.state().items()})
         return out
@@ -318,6 +361,8 @@ class SVMTrainer:
             prior = (state["prior_W"], state["prior_b"]) if "prior_W" in state else None
             trainer = cls(num_classes, dim, config, float(state["feature_scale"]), seed, prior)
             trainer.W, trainer.b = state["W"].astype(np.float32), state["b"].astype(np.float32)
+            if "prior_a" in state:  # older states (classifier prior) lack it: all zero there
+                trainer.A = state["prior_a"].astype(np.float32)
             trainer.images = int(state["images"])
             trainer._trained_at = [int(i) for i in state["trained_at"]]
             trainer._stats = json.loads(str(state["stats"]))

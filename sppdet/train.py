@@ -36,7 +36,7 @@ from sppdet.storage import (
     file_sha256,
     read_json,
 )
-from sppdet.svm import LinearSVMs, classifier_prior, feature_scale_from_samples
+from sppdet.svm import LinearSVMs, classifier_prior, feature_scale_from_samples, softmax_prior
 from sppdet.svm_mining import SVMTrainer
 from sppdet.windows import label_windows
 
@@ -194,8 +194,9 @@ def run_train_svm(
     ``checkpoint_seconds``; a rerun resumes from it (the same SVMs as an uninterrupted run)."""
     if layer not in LAYERS:
         raise SppdetError(f"unknown layer {layer!r}; use one of {', '.join(LAYERS)}")
-    if run.config.svm.prior == "classifier" and layer != "fc7":  # the classifier reads fc7
-        raise ConfigError(f"svm.prior: classifier adapts fc7 SVMs; --layer {layer} has none")
+    prior = run.config.svm.prior
+    if prior != "none" and layer != "fc7":  # the classifier reads fc7
+        raise ConfigError(f"svm.prior: {prior} adapts fc7 SVMs; --layer {layer} has none")
     with writing(run.root, f"svm_{layer}"):
         return _run_train_svm(run, layer, progress, checkpoint_seconds)
 
@@ -285,9 +286,9 @@ def _svm_with_positives(run: Run, ds, props, provider, head, layer, scale, progr
     if not xs:
         raise SppdetError("no non-difficult ground-truth boxes in the training images")
     prior = None
-    if cfg.prior == "classifier":
+    if cfg.prior != "none":
         w, b = head.cls.weight.detach().cpu().numpy(), head.cls.bias.detach().cpu().numpy()
-        prior = classifier_prior(w, b, scale)
+        prior = (classifier_prior if cfg.prior == "classifier" else softmax_prior)(w, b, scale)
     trainer = SVMTrainer(len(ds.classes), xs[0].shape[1], cfg, feature_scale=scale, prior=prior)
     trainer.add_positives(np.concatenate(xs), np.concatenate(ys))
     return trainer

@@ -109,6 +109,6 @@ def test_trainer_with_prior_resumes_from_its_state_and_refuses_mismatches():
 
 def test_prior_settings_are_checked():
     with pytest.raises(ConfigError, match="svm.prior"):
-        SVMConfig(prior="softmax")
+        SVMConfig(prior="bogus")
     with pytest.raises(ConfigError, match="prior_scaling"):
         SVMConfig(prior="classifier", prior_scaling=0.0)
