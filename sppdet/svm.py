@@ -69,7 +69,9 @@ class SVMConfig:
     # / +2.4 at 1 scale, +0.4 / -0.6 at 5 scales (docs/results.md), so off by default. fc7 only.
     # "softmax": the prior is the classifier's log posterior log p_c (its logits normalised over
     # all classes, which no linear score expresses); the SVMs then keep the classifier and its
-    # weight a_c beside w (LinearSVMs.prior_*), as the score is not linear in fc7
+    # weight a_c beside w (LinearSVMs.prior_*), as the score is not linear in fc7. Measured a
+    # loss (1 scale: fc7 32.3, fc7 + bb 36.9): log p_c saturates on the confident mistakes the
+    # mining cache keeps, so the fit drops it (a_c ~ 0) in 8 classes (docs/results.md)
     prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
     # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 
