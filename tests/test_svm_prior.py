@@ -24,6 +24,20 @@ def data(seed: int = 0, n_pos: int = 40, n_neg: int = 300):
     return pos.astype(np.float32), neg.astype(np.float32), d
 
 
+def reference_svc(cfg: SVMConfig) -> LinearSVC:
+    """The liblinear fit ``train_linear_svm`` makes, configured directly (the prior's column
+    is added to the features by the caller)."""
+    return LinearSVC(
+        C=cfg.C,
+        loss="hinge",
+        tol=cfg.tol,
+        class_weight={1: cfg.pos_weight, -1: 1.0},
+        intercept_scaling=cfg.intercept_scaling,
+        max_iter=cfg.max_iter,
+        random_state=0,
+    )
+
+
 def test_classifier_prior_is_logit_minus_background_logit():
     """Against a float64 nn.Linear: ``x P + p`` of scaled features = logit_c - logit_0 of the
     raw ones."""
@@ -47,15 +61,7 @@ def test_prior_fit_is_the_augmented_liblinear_fit_folded_back():
     assert converged
     x = np.concatenate([pos, neg]).astype(np.float64)
     col = CFG.prior_scaling * (x @ prior[0] + prior[1])
-    ref = LinearSVC(
-        C=CFG.C,
-        loss="hinge",
-        tol=CFG.tol,
-        class_weight={1: CFG.pos_weight, -1: 1.0},
-        intercept_scaling=CFG.intercept_scaling,
-        max_iter=CFG.max_iter,
-        random_state=0,
-    )
+    ref = reference_svc(CFG)
     ref.fit(np.column_stack([x, col]), np.r_[np.ones(len(pos)), -np.ones(len(neg))])
     want = np.column_stack([x, col]) @ ref.coef_[0] + ref.intercept_[0]
     np.testing.assert_allclose(x @ w + b, want, rtol=1e-4, atol=1e-4)

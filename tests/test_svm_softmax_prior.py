@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from sklearn.svm import LinearSVC
 
 from sppdet.errors import ConfigError
 from sppdet.svm import (
@@ -26,6 +25,7 @@ from sppdet.svm_mining import SVMTrainer
 from sppdet_cli.main import cli
 from tests import test_cli_e2e
 from tests.test_cli_e2e import invoke
+from tests.test_svm_prior import reference_svc
 
 trained = test_cli_e2e.trained  # the same module-scoped fixture: one tiny trained run
 
@@ -62,15 +62,7 @@ def test_adapted_fit_is_the_augmented_liblinear_fit():
     w, b, a, converged = train_adapted_svm(pos, neg, prior, CFG, 0)
     assert converged and w.dtype == np.float32 and a > 0
     x = np.column_stack([np.concatenate([pos, neg]), CFG.prior_scaling * prior])
-    ref = LinearSVC(
-        C=CFG.C,
-        loss="hinge",
-        tol=CFG.tol,
-        class_weight={1: CFG.pos_weight, -1: 1.0},
-        intercept_scaling=CFG.intercept_scaling,
-        max_iter=CFG.max_iter,
-        random_state=0,
-    ).fit(x, np.r_[np.ones(30), -np.ones(200)])
+    ref = reference_svc(CFG).fit(x, np.r_[np.ones(30), -np.ones(200)])
     np.testing.assert_allclose(w, ref.coef_[0, :D], rtol=1e-5, atol=1e-6)
     assert b == pytest.approx(ref.intercept_[0]) and a == pytest.approx(10 * ref.coef_[0, D])
     # a function of the rows gives the same fit as its values
