@@ -75,9 +75,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sppdet_voc0
 # ------------------------------------------------------------------------------- export
 
 
-_SVM_PRIOR = ("prior_W", "prior_b", "prior_a")
-
-
 def _pack_svms(s: LinearSVMs, half: bool) -> dict:
     """One layer's SVMs as tensors (the weights in float16 with ``half``); with
     ``svm.prior: softmax`` also the classifier they adapt and their weights of it."""
@@ -269,7 +266,7 @@ class ModelFile:
         s = self.blob["svms"].get(layer)
         if s is None:
             raise SppdetError(f"model file {self.path} has no {layer} SVMs")
-        prior = {k: s[k].float().numpy() for k in _SVM_PRIOR if k in s}  # svm.prior: softmax
+        prior = {k: s[k].float().numpy() for k in LinearSVMs.PRIOR_FIELDS if k in s}
         return LinearSVMs(
             W=s["W"].float().numpy(),
             b=s["b"].float().numpy(),
