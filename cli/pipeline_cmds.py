@@ -258,9 +258,16 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
     "the background's) instead of starting from zero; softmax: its log posterior, a score "
     "kept beside the SVM's (default: the run's svm.prior).",
 )
+@click.option(
+    "--dedup-neg-iou",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Drop a hard negative that overlaps a harder one of the same image and class by "
+    "more than this IoU: the paper's rule at 0.7 (default: the run's svm.dedup_neg_iou).",
+)
 @_QUIET
 @MODE
-def train_svm_command(run_dir, layer, retrain_growth, prior, quiet, mode):
+def train_svm_command(run_dir, layer, retrain_growth, prior, dedup_neg_iou, quiet, mode):
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol)."""
     from sppdet_cli.distributed import single_process_only
 
@@ -273,6 +280,8 @@ def train_svm_command(run_dir, layer, retrain_growth, prior, quiet, mode):
         run = run.with_svm(retrain_growth=retrain_growth)
     if prior is not None:
         run = run.with_svm(prior=prior)
+    if dedup_neg_iou is not None:
+        run = run.with_svm(dedup_neg_iou=dedup_neg_iou)
     s = run_train_svm(run, layer, progress=not quiet)
     click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
 

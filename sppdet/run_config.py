@@ -123,9 +123,7 @@ def load_config_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
 #: Settings removed because nothing used them (every committed config and results file has the
 #: value kept here): ``spp.rule`` "round" and ``spp.shrink`` (the released code's window
 #: mapping), ``finetune.init`` "torch" (PyTorch's fc init, measured worse than He's),
-#: ``svm.loss`` "squared_hinge" (liblinear -s 1; R-CNN and SPP-net use the L1 hinge) and
-#: ``svm.dedup_neg_iou`` (the paper's 0.7-IoU negative dedup, which the released code does not
-#: do; no run used it). Old
+#: and ``svm.loss`` "squared_hinge" (liblinear -s 1; R-CNN and SPP-net use the L1 hinge). Old
 #: ``config.yaml`` and ``results/*.json`` configs still carry them: the kept value is read with
 #: a warning, any other is an error (that run cannot be reproduced by this code).
 REMOVED_KEYS: dict[tuple[str, str], Any] = {
@@ -133,7 +131,6 @@ REMOVED_KEYS: dict[tuple[str, str], Any] = {
     ("spp", "shrink"): 0.0,
     ("finetune", "init"): "he",
     ("svm", "loss"): "hinge",
-    ("svm", "dedup_neg_iou"): None,
 }
 
 

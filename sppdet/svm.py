@@ -72,6 +72,11 @@ class SVMConfig:
     # weight a_c beside w (LinearSVMs.prior_*), as the score is not linear in fc7. Measured a
     # loss (1 scale: fc7 32.3, fc7 + bb 36.9): log p_c saturates on the confident mistakes the
     # mining cache keeps, so the fit drops it (a_c ~ 0) in 8 classes (docs/results.md)
+    dedup_neg_iou: float | None = None  # drop a negative overlapping a harder one of the same
+    # image and class by more than this IoU (greedy, torchvision nms on the current scores).
+    # The paper's rule (section 4.1: "a negative sample is removed if it overlaps another
+    # negative sample by more than 70 %"; SPEC section 6) at 0.7; R-CNN and the released
+    # spp_train.m do not do it. None: off (every earlier result)
     prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
     # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 
@@ -80,6 +85,8 @@ class SVMConfig:
             raise ConfigError(f"svm.prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
         if not self.prior_scaling > 0:
             raise ConfigError(f"svm.prior_scaling: {self.prior_scaling} must be > 0")
+        if self.dedup_neg_iou is not None and not 0.0 < self.dedup_neg_iou <= 1.0:
+            raise ConfigError(f"svm.dedup_neg_iou: {self.dedup_neg_iou} must lie in (0, 1]")
         if self.pos_iou is not None and not self.neg_iou <= self.pos_iou <= 1.0:
             # below neg_iou one window could be a positive and a negative of the same class
             raise ConfigError(

@@ -24,6 +24,8 @@ import json
 import logging
 
 import numpy as np
+import torch
+from torchvision.ops import nms
 
 from sppdet.errors import ConfigError, DataError
 from sppdet.svm import (
@@ -36,6 +38,20 @@ from sppdet.svm import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def dedup_negatives(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices (by decreasing score) of the negatives ``Array[M, 4]`` kept so that none
+    overlaps a harder kept one by more than ``iou`` (``svm.dedup_neg_iou``).
+
+    The paper's "a negative sample is removed if it overlaps another negative sample by more
+    than 70 %", resolved greedily in favour of the harder one: ``torchvision.ops.nms``. Applied
+    to the hard negatives only, it keeps the same hard set as applied to all negatives first,
+    since only a higher-scoring (so also hard) box can remove a hard one.
+    """
+    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    s = torch.as_tensor(np.asarray(scores, np.float32).reshape(-1))
+    return nms(b, s, iou).numpy().astype(np.int64)
 
 
 class HardNegativeCache:
@@ -233,6 +249,7 @@ class SVMTrainer:
         is_gt: np.ndarray,
         gt_labels: np.ndarray,
         max_iou: np.ndarray,
+        boxes: np.ndarray | None = None,
     ) -> None:
         """Mine one image.
 
@@ -243,8 +260,11 @@ class SVMTrainer:
             gt_labels: ``Array[N]`` int64 class of each ground-truth row, -1 for proposals.
             max_iou: ``Array[N, K]`` IoU of each row with the ground truth of each class (0 where
                 the class is absent).
+            boxes: ``Array[N, 4]`` the rows' boxes; needed only with ``svm.dedup_neg_iou``.
         """
         cfg = self.config
+        if cfg.dedup_neg_iou is not None and boxes is None:
+            raise ValueError("add_image: svm.dedup_neg_iou needs the rows' boxes")
         x = np.asarray(features, np.float32).reshape(-1, self.dim)
         gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
         pos = np.asarray(is_gt, bool).reshape(-1) & (gt_labels >= 0)
@@ -258,6 +278,8 @@ class SVMTrainer:
         hard[np.flatnonzero(pos), gt_labels[pos]] = False  # a GT is never its own negative
         for c in range(self.num_classes):
             rows = np.flatnonzero(hard[:, c])
+            if cfg.dedup_neg_iou is not None and len(rows) > 1:
+                rows = rows[dedup_negatives(boxes[rows], scores[rows, c], cfg.dedup_neg_iou)]
             if len(rows):
                 cache = self.caches[c]
                 kept = rows[scores[rows, c] > cache.admission_threshold()]

@@ -227,7 +227,7 @@ def _run_train_svm(run: Run, layer: str, progress: bool, checkpoint_seconds: flo
         x = _image_features(run, provider, rec, lw.boxes, head, layer).cpu().numpy() * scale
         # Positives are all in already; GT rows here only serve as other classes' negatives.
         no_gt = np.zeros(len(lw.boxes), dtype=bool)
-        trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou)
+        trainer.add_image(x, no_gt, np.full(len(lw.boxes), -1), lw.class_iou, lw.boxes)
         if time.perf_counter() - saved >= checkpoint_seconds and trainer.images < len(ds):
             _save_svm_checkpoint(ckpt, trainer, before + time.perf_counter() - t0)
             saved = time.perf_counter()
