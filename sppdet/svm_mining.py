@@ -6,7 +6,9 @@
   of ``c`` (ground-truth boxes of other classes included, as in R-CNN).
 * Each image's rows are scored by all ``K`` current classifiers in one matmul; a negative scoring
   above -1.0001 is "hard" and joins the class's cache. Before a class is first trained its
-  classifier is ``w = 0, b = 0``, so every negative is hard (R-CNN's ``first_time``).
+  classifier is ``w = 0, b = 0``, so every negative is hard (R-CNN's ``first_time``). With
+  ``svm.dedup_neg_iou`` (the paper's rule at 0.7), a hard negative overlapping a harder one of
+  the same image and class by more than that IoU is dropped first.
 * A class is (re)trained after the first image that gives it negatives (once it has positives),
   then whenever 2,000 new hard negatives have arrived, and a last time in :meth:`finish` if new
   ones came in since; after each training, cached negatives scoring below -1.2 are evicted.
