@@ -276,12 +276,10 @@ def train_svm_command(run_dir, layer, retrain_growth, prior, dedup_neg_iou, quie
     from sppdet.train import run_train_svm
 
     run = open_run(run_dir, mode)
-    if retrain_growth is not None:
-        run = run.with_svm(retrain_growth=retrain_growth)
-    if prior is not None:
-        run = run.with_svm(prior=prior)
-    if dedup_neg_iou is not None:
-        run = run.with_svm(dedup_neg_iou=dedup_neg_iou)
+    given = dict(retrain_growth=retrain_growth, prior=prior, dedup_neg_iou=dedup_neg_iou)
+    changes = {k: v for k, v in given.items() if v is not None}  # None: the run's setting
+    if changes:
+        run = run.with_svm(**changes)
     s = run_train_svm(run, layer, progress=not quiet)
     click.echo(f"train-svm {layer}: {len(s['classes'])} classes in {s['seconds']:.1f} s")
 
