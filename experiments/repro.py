@@ -15,7 +15,7 @@ from typing import Any
 
 from sppdet.configutil import to_dict
 from sppdet.errors import ConfigError, SppdetError
-from sppdet.run import run_config
+from sppdet.run import stored_run_config
 
 # Keys that must be equal for a rerun to be a reproduction of the committed result ("config" is
 # compared after both are merged onto today's defaults, see _config; "command" by its arguments,
@@ -123,12 +123,14 @@ def _config(result: Mapping, name: str) -> dict[str, Any]:
     """The result's run config merged onto today's defaults.
 
     A config written before a knob existed lacks its key; merged onto the defaults it reads as
-    the default, which is what the older code did (e.g. ``features.conv_dtype: float32``). A key
+    the default, which is what the older code did (e.g. ``features.conv_dtype: float32``), or,
+    for a knob whose default changed since (:data:`~sppdet.run_config.ADDED_KEYS`), as the value
+    it had before. A key
     today's code no longer knows means the experiment cannot be rerun as it was. The
     :data:`SPEED_ONLY_KEYS` are dropped.
     """
     try:
-        config = to_dict(run_config(result.get("config"), f"{name} config"))
+        config = to_dict(stored_run_config(result.get("config"), f"{name} config"))
     except ConfigError as e:
         raise NotAReproductionError(str(e)) from e
     for dotted in SPEED_ONLY_KEYS:

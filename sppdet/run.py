@@ -47,6 +47,7 @@ from sppdet.run_config import (  # noqa: F401  re-exported: the config is define
     load_config_yaml,
     load_yaml,
     run_config,
+    stored_run_config,
 )
 from sppdet.run_paths import absolute_paths, check_paths_exist, is_path, stored_path
 from sppdet.storage import (
@@ -186,7 +187,7 @@ class Run:
             raise SppdetError(
                 f"{root} is not a run directory (no {CONFIG_FILE}); run extract first"
             )
-        return cls(root, run_config(load_yaml(path), str(path)))
+        return cls(root, stored_run_config(load_yaml(path), str(path)))
 
     def stored_path(self, section: str, key: str) -> str | None:
         """The path setting ``section.key`` (:data:`~sppdet.run_paths.PATH_SETTINGS`) as

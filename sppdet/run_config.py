@@ -152,6 +152,25 @@ def run_config(
     return merge(RunConfig() if base is None else base, data, where)
 
 
+#: Settings whose default changed after runs were stored without them: a stored config
+#: (``config.yaml``, a results file's ``config``) that lacks one was made with the value here,
+#: not with today's default, so it is read with this value (:func:`stored_run_config`). Without
+#: it, an old run reopened would take the new default and its stage manifests would be refused.
+#: Entries are added when a default changes; a key whose default never changed needs none.
+ADDED_KEYS: dict[tuple[str, str], Any] = {
+    ("svm", "dedup_neg_iou"): None,
+}
+
+
+def stored_run_config(data: Mapping[str, Any] | None, where: str) -> RunConfig:
+    """A stored run config: as :func:`run_config`, with each :data:`ADDED_KEYS` key it lacks
+    set to the value it was made with."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (data or {}).items()}
+    for (section, key), before in ADDED_KEYS.items():
+        data.setdefault(section, {}).setdefault(key, before)
+    return run_config(data, where)
+
+
 def build_config(yaml_path: str | Path | None = None, **overrides: dict) -> RunConfig:
     """Defaults, then the YAML deltas, then per-section overrides (from CLI options)."""
     cfg = RunConfig()
