@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-lite0-1scale voc07-d17-5scale voc07-lite0-5scale tap-study repro-1scale repro-5scale repro-d17-1scale repro-d17-5scale repro-lite0-1scale clean
+.PHONY: venv test lint format demo bench fast-path voc07 voc07-1scale voc07-5scale voc07-d17-1scale voc07-lite0-1scale voc07-d17-5scale voc07-lite0-5scale voc07-lite0-dedup-1scale voc07-lite0-dedup-5scale tap-study repro-1scale repro-5scale repro-d17-1scale repro-d17-5scale repro-lite0-1scale repro-lite0-dedup-1scale clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,13 @@ voc07-d17-5scale: $(STAMP)
 voc07-lite0-5scale: $(STAMP)
 	$(BIN)/python -m experiments.voc07 --config configs/voc07_lite0_5scale.yaml --run runs/voc07_lite0_5s --name voc07_lite0_5scale --recipe lite0_d_frozen --val-maps compute --no-pool5
 
+# The default recipe: the Lite0 one with the paper's negative deduplication in SVM mining.
+voc07-lite0-dedup-1scale: $(STAMP)
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_lite0_dedup_1scale.yaml --run runs/voc07_lite0_dedup_1s --name voc07_lite0_dedup_1scale --recipe lite0_d_dedup --no-pool5
+
+voc07-lite0-dedup-5scale: $(STAMP)
+	$(BIN)/python -m experiments.voc07 --config configs/voc07_lite0_dedup_5scale.yaml --run runs/voc07_lite0_dedup_5s --name voc07_lite0_dedup_5scale --recipe lite0_d_dedup --val-maps compute --no-pool5
+
 # 300 -> 300 comparison of SPP taps with and without conv fine-tuning: results/tap_study_voc300.json.
 tap-study: $(STAMP)
 	bash experiments/tap_study.sh runs/tap
@@ -87,3 +94,6 @@ repro-d17-5scale: $(STAMP)
 
 repro-lite0-1scale: $(STAMP)
 	bash experiments/repro.sh voc07_lite0_1scale voc07-lite0-1scale
+
+repro-lite0-dedup-1scale: $(STAMP)
+	bash experiments/repro.sh voc07_lite0_dedup_1scale voc07-lite0-dedup-1scale

@@ -260,10 +260,11 @@ def finetune_command(run_dir, conv_blocks, conv_lr, quiet, mode):
 )
 @click.option(
     "--dedup-neg-iou",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=click.FloatRange(min=0, max=1),
     default=None,
     help="Drop a hard negative that overlaps a harder one of the same image and class by "
-    "more than this IoU: the paper's rule at 0.7 (default: the run's svm.dedup_neg_iou).",
+    "more than this IoU: the paper's rule at 0.7; 0: keep them all, R-CNN's mining "
+    "(default: the run's svm.dedup_neg_iou).",
 )
 @_QUIET
 @MODE
@@ -278,6 +279,8 @@ def train_svm_command(run_dir, layer, retrain_growth, prior, dedup_neg_iou, quie
     run = open_run(run_dir, mode)
     given = dict(retrain_growth=retrain_growth, prior=prior, dedup_neg_iou=dedup_neg_iou)
     changes = {k: v for k, v in given.items() if v is not None}  # None: the run's setting
+    if dedup_neg_iou == 0:
+        changes["dedup_neg_iou"] = None  # the setting's "off"
     if changes:
         run = run.with_svm(**changes)
     s = run_train_svm(run, layer, progress=not quiet)

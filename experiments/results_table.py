@@ -45,6 +45,7 @@ RECIPES = {
     "mnv2_frozen": "MobileNetV2 `features[13]` (96 ch), frozen",
     "mnv2_d17_frozen": "MobileNetV2 to `features[17]` (320 ch, dilated), frozen",
     "lite0_d_frozen": "EfficientNet-Lite0 to block 15 (320 ch, dilated), frozen",
+    "lite0_d_dedup": "the same, SVM negatives deduplicated (paper 4.1)",
 }
 
 

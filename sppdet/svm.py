@@ -72,12 +72,13 @@ class SVMConfig:
     # weight a_c beside w (LinearSVMs.prior_*), as the score is not linear in fc7. Measured a
     # loss (1 scale: fc7 32.3, fc7 + bb 36.9): log p_c saturates on the confident mistakes the
     # mining cache keeps, so the fit drops it (a_c ~ 0) in 8 classes (docs/results.md)
-    dedup_neg_iou: float | None = None  # drop a negative overlapping a harder one of the same
+    dedup_neg_iou: float | None = 0.7  # drop a negative overlapping a harder one of the same
     # image and class by more than this IoU (greedy, torchvision nms on the current scores).
     # The paper's rule (section 4.1: "a negative sample is removed if it overlaps another
-    # negative sample by more than 70 %"; SPEC section 6) at 0.7; R-CNN and the released
-    # spp_train.m do not do it. Measured (Lite0, VOC07 val, 1 scale, fc7 / fc7 + bb): +1.9 /
-    # +2.7 (docs/results.md); None (off) until it is measured at 5 scales and in a full rerun
+    # negative sample by more than 70 %"; SPEC section 6); R-CNN and the released spp_train.m
+    # do not do it. Measured (Lite0, VOC07 val, the same fine-tuned head, fc7 / fc7 + bb): +1.9
+    # / +2.7 at 1 scale (docs/results.md). None: off, R-CNN's mining (runs stored before this
+    # default read None: run_config.ADDED_KEYS)
     prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
     # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 

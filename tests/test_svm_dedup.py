@@ -98,20 +98,24 @@ def test_dedup_iou_outside_0_1_is_refused(bad):
 
 
 def test_dedup_is_a_setting_again_not_a_removed_one():
-    assert run_config({"svm": {"dedup_neg_iou": 0.7}}, "test").svm.dedup_neg_iou == 0.7
+    assert run_config({"svm": {"dedup_neg_iou": 0.5}}, "test").svm.dedup_neg_iou == 0.5
     assert run_config({"svm": {"dedup_neg_iou": None}}, "test").svm.dedup_neg_iou is None
-    assert run_config(None, "test").svm.dedup_neg_iou is None
+    assert run_config(None, "test").svm.dedup_neg_iou == 0.7  # the paper's rule by default
 
 
-def test_train_svm_dedup_neg_iou_mines_fewer_negatives(trained, tmp_path):
-    """`train-svm --dedup-neg-iou 0.7` records the setting in its stage and stores fewer hard
-    negatives than the plain stage of the same run, for every class that has any."""
+def test_train_svm_dedup_neg_iou_0_mines_more_negatives(trained, tmp_path):
+    """The default (the paper's 0.7) records itself in the SVM stage; `train-svm
+    --dedup-neg-iou 0` (R-CNN's mining) records the setting off and stores more hard negatives
+    than the default stage of the same run, for every class that has any."""
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, symlinks=True)
     shutil.rmtree(run / "svm_fc7")
-    invoke("train-svm", run, "--layer", "fc7", "--dedup-neg-iou", "0.7", "--quiet")
-    assert json.loads((run / "svm_fc7/manifest.json").read_text())["svm"]["dedup_neg_iou"] == 0.7
-    plain, dedup = (
+    invoke("train-svm", run, "--layer", "fc7", "--dedup-neg-iou", "0", "--quiet")
+    manifest = json.loads((trained["run"] / "svm_fc7/manifest.json").read_text())
+    assert manifest["svm"]["dedup_neg_iou"] == 0.7
+    manifest = json.loads((run / "svm_fc7/manifest.json").read_text())
+    assert manifest["svm"].get("dedup_neg_iou") is None  # off: a manifest as before the key
+    dedup, plain = (
         json.loads((r / "svm_fc7/stats.json").read_text())["classes"] for r in (trained["run"], run)
     )
     assert plain.keys() == dedup.keys()

@@ -12,7 +12,9 @@ from sppdet.svm import SVMConfig, classifier_prior, train_linear_svm
 from sppdet.svm_mining import SVMTrainer
 
 D = 16
-CFG = SVMConfig(C=1.0, tol=1e-6, max_iter=100000, prior="classifier", prior_scaling=10.0)
+CFG = SVMConfig(
+    C=1.0, tol=1e-6, max_iter=100000, prior="classifier", prior_scaling=10.0, dedup_neg_iou=None
+)
 
 
 def data(seed: int = 0, n_pos: int = 40, n_neg: int = 300):
@@ -94,7 +96,7 @@ def mine(trainer: SVMTrainer, seed: int = 0) -> SVMTrainer:
 def test_trainer_with_prior_resumes_from_its_state_and_refuses_mismatches():
     _, _, d = data()
     prior = (np.stack([d, -d], 1).astype(np.float32), np.zeros(2, np.float32))
-    cfg = SVMConfig(C=1.0, retrain_every=50, prior="classifier")
+    cfg = SVMConfig(C=1.0, retrain_every=50, prior="classifier", dedup_neg_iou=None)
     whole = mine(SVMTrainer(2, D, cfg, prior=prior))
     state = whole.state()
     assert np.array_equal(state["prior_W"], prior[0])

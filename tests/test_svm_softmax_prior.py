@@ -30,7 +30,9 @@ from tests.test_svm_prior import reference_svc
 trained = test_cli_e2e.trained  # the same module-scoped fixture: one tiny trained run
 
 D, K = 12, 3
-CFG = SVMConfig(C=1.0, tol=1e-6, max_iter=100000, prior="softmax", prior_scaling=10.0)
+CFG = SVMConfig(
+    C=1.0, tol=1e-6, max_iter=100000, prior="softmax", prior_scaling=10.0, dedup_neg_iou=None
+)
 
 
 def classifier(seed: int = 0) -> torch.nn.Linear:
@@ -142,7 +144,7 @@ def mine(trainer: SVMTrainer, images: slice = slice(None)) -> SVMTrainer:
 def test_trainer_mines_with_the_prior_and_resumes_bit_for_bit():
     _, _, prior = mining_data()
     # a small C: w is costly, the prior's weight cheap, so the SVM leans on the classifier
-    cfg = SVMConfig(C=0.01, retrain_every=50, prior="softmax")
+    cfg = SVMConfig(C=0.01, retrain_every=50, prior="softmax", dedup_neg_iou=None)
     whole = mine(SVMTrainer(2, D, cfg, prior=prior)).finish()
     half = mine(SVMTrainer(2, D, cfg, prior=prior), slice(0, 2))
     resumed = mine(SVMTrainer.from_state(half.state(), cfg), slice(2, None)).finish()
