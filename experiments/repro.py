@@ -124,9 +124,9 @@ def _config(result: Mapping, name: str) -> dict[str, Any]:
 
     A config written before a knob existed lacks its key; merged onto the defaults it reads as
     the default, which is what the older code did (e.g. ``features.conv_dtype: float32``), or,
-    for a knob whose default changed since (:data:`~sppdet.run_config.ADDED_KEYS`), as the value
-    it had before. A key today's code no longer knows means the experiment cannot be rerun as
-    it was. The :data:`SPEED_ONLY_KEYS` are dropped.
+    for a knob whose default changed since (:data:`~sppdet.run_config.CHANGED_DEFAULTS`), as
+    the value it had before. A key today's code no longer knows means the experiment cannot be
+    rerun as it was. The :data:`SPEED_ONLY_KEYS` are dropped.
     """
     try:
         config = to_dict(stored_run_config(result.get("config"), f"{name} config"))

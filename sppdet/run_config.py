@@ -157,16 +157,16 @@ def run_config(
 #: not with today's default, so it is read with this value (:func:`stored_run_config`). Without
 #: it, an old run reopened would take the new default and its stage manifests would be refused.
 #: Entries are added when a default changes; a key whose default never changed needs none.
-ADDED_KEYS: dict[tuple[str, str], Any] = {
+CHANGED_DEFAULTS: dict[tuple[str, str], Any] = {
     ("svm", "dedup_neg_iou"): None,
 }
 
 
 def stored_run_config(data: Mapping[str, Any] | None, where: str) -> RunConfig:
-    """A stored run config: as :func:`run_config`, with each :data:`ADDED_KEYS` key it lacks
-    set to the value it was made with."""
+    """A stored run config: as :func:`run_config`, with each :data:`CHANGED_DEFAULTS` key it
+    lacks set to the value it was made with."""
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (data or {}).items()}
-    for (section, key), before in ADDED_KEYS.items():
+    for (section, key), before in CHANGED_DEFAULTS.items():
         data.setdefault(section, {}).setdefault(key, before)
     return run_config(data, where)
 

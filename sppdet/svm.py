@@ -78,7 +78,7 @@ class SVMConfig:
     # negative sample by more than 70 %"; SPEC section 6); R-CNN and the released spp_train.m
     # do not do it. Measured (Lite0, VOC07 val, the same fine-tuned head, fc7 / fc7 + bb): +1.9
     # / +2.7 at 1 scale (docs/results.md). None: off, R-CNN's mining (runs stored before this
-    # default read None: run_config.ADDED_KEYS)
+    # default read None: run_config.CHANGED_DEFAULTS)
     prior_scaling: float = 10.0  # the prior column's multiplier (as liblinear -B for the bias):
     # its weight a costs a^2 / 2 for a * prior_scaling times the prior score
 

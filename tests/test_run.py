@@ -14,7 +14,7 @@ from experiments.repro import _config as repro_config
 from sppdet.datasets import Dataset
 from sppdet.errors import CacheMismatchError, ConfigError
 from sppdet.run import REMOVED_KEYS, Run, build_config, run_config
-from sppdet.run_config import ADDED_KEYS, RunConfig
+from sppdet.run_config import CHANGED_DEFAULTS, RunConfig
 from sppdet.svm import SVMConfig
 
 
@@ -145,11 +145,11 @@ def test_removed_settings_load_at_their_kept_value_only(tmp_path, caplog):
         Run.open(tmp_path)
 
 
-def test_stored_configs_lacking_an_added_key_read_its_value_before(tmp_path, monkeypatch):
+def test_stored_configs_lacking_a_changed_default_read_its_value_before(tmp_path, monkeypatch):
     # A default that changes (here svm.C as if it had been 0.5 before its key was stored):
     # an old config.yaml lacking the key keeps the old value; a new one, or a user's config
     # file (build_config: deltas on today's defaults), takes the default.
-    monkeypatch.setitem(run_config_module.ADDED_KEYS, ("svm", "C"), 0.5)
+    monkeypatch.setitem(run_config_module.CHANGED_DEFAULTS, ("svm", "C"), 0.5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"svm": {"pos_weight": 3.0}}))
     assert Run.open(tmp_path).config.svm.C == 0.5
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"workers": 2}))  # no svm section
@@ -162,10 +162,10 @@ def test_stored_configs_lacking_an_added_key_read_its_value_before(tmp_path, mon
     assert got["svm"]["C"] == 0.5
 
 
-def test_added_keys_are_real_settings_and_legacy_in_the_stage_manifests():
+def test_changed_defaults_are_real_settings_and_legacy_in_the_stage_manifests():
     from sppdet.train import LEGACY_SETTINGS
 
-    for (section, key), before in ADDED_KEYS.items():
+    for (section, key), before in CHANGED_DEFAULTS.items():
         assert hasattr(getattr(RunConfig(), section), key), (section, key)
         # a stage manifest written before the key existed must read as that same value
         assert LEGACY_SETTINGS[section][key] == before, (section, key)
