@@ -289,17 +289,27 @@ def train_svm_command(run_dir, layer, retrain_growth, prior, dedup_neg_iou, quie
 
 @click.command("train-bbox")
 @_RUN
+@click.option(
+    "--layer",
+    type=click.Choice(["pool5", "fc6", "fc7"]),
+    default=None,
+    help="Features regressed from: pool5 (R-CNN, SPP-net) or an fc layer of the fine-tuned "
+    "head (default: the run's bbox.layer).",
+)
 @_QUIET
 @MODE
-def train_bbox_command(run_dir, quiet, mode):
-    """Per-class ridge box regressors on SPP (pool5) vectors."""
+def train_bbox_command(run_dir, layer, quiet, mode):
+    """Per-class ridge box regressors on SPP (pool5) vectors or fine-tuned fc features."""
     from sppdet_cli.distributed import single_process_only
 
     single_process_only("train-bbox")
 
     from sppdet.train import run_train_bbox
 
-    s = run_train_bbox(open_run(run_dir, mode), progress=not quiet)
+    run = open_run(run_dir, mode)
+    if layer is not None:
+        run = run.with_bbox(layer=layer)
+    s = run_train_bbox(run, progress=not quiet)
     click.echo(f"train-bbox: done in {s['seconds']:.1f} s")
 
 

@@ -136,6 +136,9 @@ class BBoxRegConfig:
     storage_dtype: Literal["float32", "float16"] = (
         "float32"  # "float16" halves the reservoir's memory (ours)
     )
+    layer: Literal["pool5", "fc6", "fc7"] = "pool5"  # features regressed from: pool5 as R-CNN
+    # and SPP-net (a frozen conv layer); fc6 / fc7 of the fine-tuned head (ours: Fast R-CNN
+    # regresses from its fine-tuned fc7, section 2.2)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class BBoxRegressor:
         feature_scale: the factor the training features (pool5 vectors) were multiplied by;
             callers apply it to test features. ``None``: not stored (files written before it
             was; ``sppdet.model`` then reads it from the run's ``bbox/stats.json``).
+        layer: the features' layer (``pool5``, ``fc6`` or ``fc7``; files written before it was
+            stored are pool5).
     """
 
     weights: np.ndarray
@@ -159,6 +164,7 @@ class BBoxRegressor:
     target_std: np.ndarray
     num_samples: np.ndarray
     feature_scale: float | None = None
+    layer: str = "pool5"
 
     @property
     def num_classes(self) -> int:
@@ -235,7 +241,8 @@ class BBoxRegressor:
         scale = (
             {} if self.feature_scale is None else {"feature_scale": np.float64(self.feature_scale)}
         )
-        atomic_save_npz(path, **{f: getattr(self, f) for f in ARRAY_FIELDS}, **scale)
+        arrays = {f: getattr(self, f) for f in ARRAY_FIELDS}
+        atomic_save_npz(path, **arrays, **scale, layer=np.str_(self.layer))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BBoxRegressor:
@@ -243,7 +250,8 @@ class BBoxRegressor:
         try:
             with np.load(path, allow_pickle=False) as z:
                 scale = float(z["feature_scale"]) if "feature_scale" in z.files else None
-                return cls(**{f: z[f] for f in ARRAY_FIELDS}, feature_scale=scale)
+                layer = str(z["layer"]) if "layer" in z.files else "pool5"
+                return cls(**{f: z[f] for f in ARRAY_FIELDS}, feature_scale=scale, layer=layer)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read box regressors {path}: {exc}") from exc
 

@@ -154,11 +154,13 @@ def regress_candidates(
     idx: Tensor,
     labels: Tensor,
     feature_scale: float,
+    embed: Callable[[Tensor, str], Tensor] | None = None,
 ) -> Tensor:
     """``Tensor[M, 4]``: window ``idx[i]`` refined by the regressor of class ``labels[i]``.
 
     Only the candidates are regressed (R-CNN regresses the scored windows), not every window
-    for every class; each distinct pool5 row is scaled once.
+    for every class; each distinct pool5 row is scaled once (and, for regressors of an fc
+    layer, embedded once).
 
     Args:
         bbox: a :class:`~sppdet.bbox_reg.BBoxRegressor` (its ``predict_rows``).
@@ -166,11 +168,19 @@ def regress_candidates(
             window's row (``None``: one row per window).
         boxes: ``Array[N, 4]`` the windows.
         feature_scale: factor the regressors' training features were scaled by.
+        embed: ``(pool5 rows, layer) -> Tensor[U, H]``, the fine-tuned head's activations;
+            needed when ``bbox.layer`` is not pool5.
     """
     cand = idx.cpu().numpy()
     rows = inverse[cand] if inverse is not None else cand
     uniq, pos = np.unique(rows, return_inverse=True)
-    feats = pool5[torch.from_numpy(uniq).to(pool5.device)] * feature_scale
+    feats = pool5[torch.from_numpy(uniq).to(pool5.device)]
+    layer = getattr(bbox, "layer", "pool5")
+    if layer != "pool5":
+        if embed is None:
+            raise ValueError(f"box regressors of {layer} need the fine-tuned head (embed)")
+        feats = embed(feats, layer)
+    feats = feats * feature_scale
     out = bbox.predict_rows(  # a tensor: its product runs in torch, not OpenBLAS
         feats, pos.reshape(-1), boxes[cand], labels.cpu().numpy()
     )
@@ -317,7 +327,9 @@ class Detector:
             idx, s, lab = select_candidates(scores, cfg.score_threshold, cfg.pre_nms_top_k)
         if cfg.bbox_reg and self.bbox is not None and len(idx):
             with hook("bbox"):
-                b = regress_candidates(self.bbox, pool5, inverse, boxes, idx, lab, self.bbox_scale)
+                b = regress_candidates(
+                    self.bbox, pool5, inverse, boxes, idx, lab, self.bbox_scale, self.embed
+                )
         else:
             b = torch.as_tensor(boxes, device=self.device)[idx]
         with hook("nms"):

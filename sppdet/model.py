@@ -196,6 +196,8 @@ def load_detectors(
         if test.scorer == "svm":
             svms = part(f"svm_{test.layer}", lambda t=test: parts.svms(t.layer))
         bbox = part("bbox", parts.bbox) if test.bbox_reg else None
+        if bbox is not None and bbox.layer != "pool5" and head is None:
+            parts.require_head()  # regressors of an fc layer run the head, too
         out[name] = Detector(
             extractor,
             parts.spp,

@@ -105,6 +105,7 @@ def pack_bbox(bbox: BBoxRegressor, half_on: bool, int8: bool) -> dict:
         t = torch.from_numpy(np.asarray(getattr(bbox, f)))
         out[f] = quantize(t, (1,)) if int8 and f == "weights" else half(t, half_on)
     out["feature_scale"] = float(bbox.feature_scale)
+    out["layer"] = bbox.layer
     return out
 
 
@@ -113,6 +114,8 @@ def unpack_bbox(b: Mapping) -> BBoxRegressor:
     arrays = {
         k: unpack(v).numpy() if k != "num_samples" else v.numpy()
         for k, v in b.items()
-        if k != "feature_scale"
+        if k not in ("feature_scale", "layer")
     }
-    return BBoxRegressor(**arrays, feature_scale=b["feature_scale"])
+    # files exported before the layer was stored regress from pool5
+    layer = b.get("layer", "pool5")
+    return BBoxRegressor(**arrays, feature_scale=b["feature_scale"], layer=layer)

@@ -228,6 +228,12 @@ class Run:
         svm = dataclasses.replace(self.config.svm, **changes)
         return Run(self.root, dataclasses.replace(self.config, svm=svm))
 
+    def with_bbox(self, **changes: Any) -> Run:
+        """The same run with box-regression settings changed for one ``train-bbox`` call (not
+        written to config.yaml: the stage's manifest records what it was trained with)."""
+        bbox = dataclasses.replace(self.config.bbox, **changes)
+        return Run(self.root, dataclasses.replace(self.config, bbox=bbox))
+
     def with_extractors(self, frozen: FeatureExtractor, tuned: FeatureExtractor) -> Run:
         """The same run with these extractors (e.g. a model file's trunk, see
         :func:`sppdet.model_file.model_run`) instead of ones built from ``features.weights``."""

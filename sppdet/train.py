@@ -61,7 +61,8 @@ LEGACY_SETTINGS = {
         "pos_iou": None,
         "prior": "none",
         "prior_scaling": 10.0,
-    }
+    },
+    "bbox": {"layer": "pool5"},
 }
 
 
@@ -310,22 +311,26 @@ def _positive_windows(rec, props, cfg, num_classes: int) -> tuple[np.ndarray, np
 
 
 def run_train_bbox(run: Run, *, progress: bool = True) -> dict:
-    """Per-class ridge regressors from SPP (pool5) vectors to R-CNN deltas (SPEC section 7)."""
+    """Per-class ridge regressors from SPP (pool5) vectors, or with ``bbox.layer`` fc6 / fc7 of
+    the fine-tuned head, to R-CNN deltas (SPEC section 7)."""
     with writing(run.root, "bbox"):
         return _run_train_bbox(run, progress)
 
 
 def _run_train_bbox(run: Run, progress: bool) -> dict:
     out = run.path("bbox")
+    cfg = run.config.bbox
     tuned = _tuned_trunk(run)  # pool5 of a fine-tuned trunk: valid for its conv weights only
-    if (done := _done(run, out, "bbox", "bbox.npz", "stats.json", bound=tuned)) is not None:
+    # fc features exist only for the fine-tuned head they came from
+    bound = tuned or cfg.layer != "pool5"
+    if (done := _done(run, out, "bbox", "bbox.npz", "stats.json", bound=bound)) is not None:
         return done
     t0 = time.perf_counter()
     ds = run.dataset()
     props = run.proposals(ds)
     provider = run.provider(ds, tuned=tuned)
-    cfg = run.config.bbox
-    scale = _norm_scale(run, ds, props, provider, None, "pool5", run.config.svm.target_norm)
+    head = _head(run, cfg.layer) if cfg.layer != "pool5" else None
+    scale = _norm_scale(run, ds, props, provider, head, cfg.layer, run.config.svm.target_norm)
     trainer = None
     for rec, lw, labels in tqdm(
         _labelled(ds, props), total=len(ds), desc="bbox", disable=not progress
@@ -333,7 +338,7 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
         sel = np.flatnonzero((lw.max_iou >= cfg.min_iou) & (lw.gt_index >= 0))
         if len(sel) == 0:
             continue
-        x = _image_features(run, provider, rec, lw.boxes[sel], None, "pool5").cpu().numpy()
+        x = _image_features(run, provider, rec, lw.boxes[sel], head, cfg.layer).cpu().numpy()
         if trainer is None:
             # rows in temporary files: pool5 reservoirs are gigabytes (sppdet.bbox_train.FileRows)
             trainer = BBoxRegTrainer(len(ds.classes), x.shape[1], cfg, spill_dir=out)
@@ -342,7 +347,7 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     if trainer is None:
         raise SppdetError("no training windows overlap a ground truth box")
     # the scale goes into the regressors' own file: test time needs nothing else
-    model = dataclasses.replace(trainer.fit(), feature_scale=scale)
+    model = dataclasses.replace(trainer.fit(), feature_scale=scale, layer=cfg.layer)
     trainer.close()
     model.save(out / "bbox.npz")
     summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
