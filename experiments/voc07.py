@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from experiments.stages import Stage, pending, read_record, run_lanes, run_stage
+from sppdet.configutil import to_dict
 from sppdet.run_paths import relative_paths
 from sppdet.storage import atomic_write_json, file_sha256, git_commit, read_json
 
@@ -57,6 +58,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="Run no stage: write results/*.json from the evaluations already in RUN/eval "
         "(e.g. after an `eval --ablations` run by hand). The files record the full command.",
+    )
+    p.add_argument(
+        "--stages-from",
+        type=Path,
+        help="With --write-results, for a run whose stages up to the SVMs are hard links of "
+        "another run made with the same settings (experiments/variant.py): that run's "
+        "stages.json gives the stage times, and the files name it (stages_from).",
     )
     p.add_argument(
         "--recipe",
@@ -126,8 +134,12 @@ def main() -> int:
         rec,
     )  # fmt: skip
     if args.write_results:
-        write_results(args, read_record(rec))
+        write_results(
+            args, read_record(args.stages_from / "stages.json" if args.stages_from else rec)
+        )
         return 0
+    if args.stages_from:
+        raise SystemExit("--stages-from goes with --write-results")
     args.run.mkdir(parents=True, exist_ok=True)
     run_stage(extract_train)
     # A resumed run skips the side stages that already succeeded (they are on record only
@@ -144,10 +156,11 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
     # paths relative to the working directory (the repository root), as committed results and
     # configs/*.yaml name them: a run made since stores them absolute
     cfg = relative_paths(yaml.safe_load((args.run / "config.yaml").read_text()))
+    check_recipe(args.config, cfg, args.run)
     feats = cfg["features"]
     weights = feats["weights"]
     sha = file_sha256(weights) if weights and Path(weights).is_file() else None
-    argv = [a for a in sys.argv[1:] if a != "--write-results"]  # the command that reruns it all
+    argv = _rerun_argv(sys.argv[1:])  # the command that reruns it all
     command = shlex.join(["python", "-m", "experiments.voc07", *argv])
     peak = max(s["peak_rss_gb"] for s in stages.values())
     args.results.mkdir(parents=True, exist_ok=True)
@@ -169,6 +182,12 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
             "commit": summary["commit"],
             "command": command,
             "config": cfg,
+            # a variant run: its stages' figures are those of the run it shares them with
+            **(
+                {"stages_from": str(shared)}
+                if (shared := getattr(args, "stages_from", None))
+                else {}
+            ),
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in stages.items()},
             # 1 = ran in a lane beside another stage (--lanes 2); "all" = alone, every core
             "stage_threads": {k: v.get("threads", "all") for k, v in stages.items()},
@@ -185,6 +204,37 @@ def write_results(args: argparse.Namespace, stages: dict) -> None:
         path = args.results / f"{args.name}_{variant}.json"
         atomic_write_json(path, out)
         print(f"{path}: mAP {100 * summary['map']:.1f}")
+
+
+def _rerun_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--write-results`` and ``--stages-from X``: the full experiment."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stages-from":
+            skip = True
+        elif a != "--write-results" and not a.startswith("--stages-from="):
+            out.append(a)
+    return out
+
+
+def check_recipe(config: Path, stored: dict, run: Path) -> None:
+    """Refuse to write results under ``config``'s name for a run made with other settings
+    (e.g. a variant run with one more change): every key of every section must match."""
+    from sppdet.run_config import build_config, stored_run_config
+
+    want = relative_paths(to_dict(build_config(config)))
+    have = relative_paths(to_dict(stored_run_config(stored, str(run))))
+    diffs = [
+        f"{section}.{key}: {have[section].get(key)!r} (run) vs {value!r} ({config})"
+        for section, values in want.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if have.get(section, {}).get(key) != value
+    ]
+    if diffs:
+        raise SystemExit(f"{run} was not made with {config}: " + "; ".join(diffs))
 
 
 def _count(path: Path) -> int | None:

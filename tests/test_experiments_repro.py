@@ -149,3 +149,44 @@ def test_results_record_run_paths_as_the_committed_results_do(tmp_path, monkeypa
     assert set(committed["config"]["data"]) <= set(written["config"]["data"])
     assert written["config"]["features"]["weights"] == committed["config"]["features"]["weights"]
     assert written["weights"] == committed["weights"]
+
+
+def test_results_name_a_recipe_only_for_a_run_made_with_it(tmp_path, monkeypatch):
+    """write_results refuses a run whose settings differ from --config's in any key (a variant
+    run with one more change), and a variant's files name the run its stage times come from."""
+    import argparse
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from experiments import voc07
+    from sppdet.run import Run, build_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("sppdet.run.check_paths_exist", lambda config: None)
+    monkeypatch.setattr(voc07, "machine", lambda: {})
+    config = root / "configs" / "voc07_lite0_dedup_1scale.yaml"
+    cfg = build_config(config)
+    other = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, dedup_neg_iou=None))
+    summary = {"variant": "val_fc7", "map": 0.5, "ap": {"cat": 0.5}, "images": 1, "commit": "c"}
+    for name, made in (("same", cfg), ("other", other)):
+        Run.create(tmp_path / name, made)
+        (tmp_path / name / "eval" / "val_fc7").mkdir(parents=True)
+        (tmp_path / name / "eval" / "val_fc7" / "eval.json").write_text(
+            json.dumps({**summary, "seconds_per_image": {"total": 1.0}})
+        )
+    args = argparse.Namespace(
+        results=tmp_path / "results", recipe="r", config=config, name="x", stages_from=None
+    )
+    stages = {"train": {"seconds": 1.0, "peak_rss_gb": 1.0}}
+    with pytest.raises(SystemExit, match="svm.dedup_neg_iou: None"):
+        voc07.write_results(argparse.Namespace(**vars(args), run=tmp_path / "other"), stages)
+    args = argparse.Namespace(**{**vars(args), "stages_from": Path("runs/base")})
+    monkeypatch.setattr(
+        "sys.argv", ["voc07", "--run", "r", "--write-results", "--stages-from", "b"]
+    )
+    voc07.write_results(argparse.Namespace(**vars(args), run=tmp_path / "same"), stages)
+    written = json.loads((tmp_path / "results" / "x_fc7.json").read_text())
+    assert written["stages_from"] == "runs/base" and written["recipe"] == "r"
+    assert written["command"] == "python -m experiments.voc07 --run r"
