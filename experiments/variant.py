@@ -32,6 +32,8 @@ def make_variant(base: Path, run: Path, share: list[str], sets: dict[str, object
         src = base / name
         if src.is_symlink():
             os.symlink(os.readlink(src), tmp / name)
+        elif src.is_file():  # e.g. ablations.json
+            os.link(src, tmp / name)
         else:
             shutil.copytree(src, tmp / name, symlinks=True, copy_function=os.link)
     cfg = yaml.safe_load((base / "config.yaml").read_text())

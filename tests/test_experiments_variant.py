@@ -18,8 +18,10 @@ def test_variant_shares_stages_by_hard_links_and_changes_only_its_settings(tmp_p
     (tmp_path / "maps").mkdir()
     (base / "features").symlink_to("../maps")
     (base / "config.yaml").write_text(yaml.safe_dump({"svm": {"C": 0.001, "neg_iou": 0.3}}))
-    assert make_variant(base, run, ["finetune", "features"], {"svm.C": 0.0003})
+    (base / "ablations.json").write_text("{}")
+    assert make_variant(base, run, ["finetune", "features", "ablations.json"], {"svm.C": 0.0003})
     assert os.path.samefile(run / "finetune" / "model.pt", base / "finetune" / "model.pt")
+    assert os.path.samefile(run / "ablations.json", base / "ablations.json")
     assert os.readlink(run / "features") == "../maps"
     assert not (run / "svm_fc7").exists() and not run.with_name("base__v.tmp").exists()
     assert yaml.safe_load((run / "config.yaml").read_text()) == {
