@@ -136,9 +136,12 @@ def caption(results: list[dict]) -> str:
             f"{k} {v / 60:.0f} min{' (1 thread, in a lane)' if threads.get(k) == 1 else ''}"
             for k, v in st.items()
         )
+        # a variant run (experiments.voc07 --stages-from): the times are the shared run's
+        shared = res.get("stages_from")
+        whose = f" of `{shared}` (this run shares its stages before the SVMs)" if shared else ""
         lines.append(
             f"- {rec}, {n} scale{'s' if n > 1 else ''}: backbone {res['backbone']} "
-            f"(sha256 `{(res['weights_sha256'] or '')[:12]}...`); stage wall times "
+            f"(sha256 `{(res['weights_sha256'] or '')[:12]}...`); stage wall times{whose} "
             f"({m['cpu_model']}, {m['cpu_count']} cores, device {m['device']}): {parts}; peak "
             f"RSS of one stage {res['peak_rss_gb']} GiB."
         )
