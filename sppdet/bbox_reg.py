@@ -139,6 +139,9 @@ class BBoxRegConfig:
     layer: Literal["pool5", "fc6", "fc7"] = "pool5"  # features regressed from: pool5 as R-CNN
     # and SPP-net (a frozen conv layer); fc6 / fc7 of the fine-tuned head (ours: Fast R-CNN
     # regresses from its fine-tuned fc7, section 2.2)
+    method: Literal["ridge", "finetuned"] = "ridge"  # ridge: fitted after fine-tuning on
+    # ``layer`` (R-CNN, SPP-net); finetuned: the head's own box layer, trained with the
+    # classifier (finetune.bbox_loss_weight > 0; Fast R-CNN), on fc7 (``layer`` unused)
 
 
 @dataclass(frozen=True)

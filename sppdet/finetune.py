@@ -32,7 +32,7 @@ from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError
 from sppdet.features import SPPConfig
 from sppdet.finetune_batch import Batcher, candidates
-from sppdet.head import ConvTop, FCHead
+from sppdet.head import BBOX_TARGET_STD, ConvTop, FCHead
 from sppdet.storage import atomic_torch_save, atomic_write_json, atomic_write_text
 from sppdet.window_features import WindowFeatures
 
@@ -71,6 +71,10 @@ class FinetuneConfig:
     # (Fast R-CNN 4.5: the largest single gain); at most features.top_blocks. 0 = frozen (SPP)
     conv_lr: float = 0.001  # their learning rate (ImageNet-trained, so below the new fc's lr);
     # x0.1 at the same lr_steps
+    bbox_loss_weight: float = 0.0  # > 0: the head also learns box regression from fc7, its
+    # smooth-L1 loss weighted by this beside the classifier's (Fast R-CNN section 2.3:
+    # multi-task training, lambda 1); 0 = the classifier alone (SPP-net, R-CNN). Its box layer
+    # is what `bbox.method: finetuned` applies at test time
 
 
 def _lr_factor(cfg: FinetuneConfig, step: int) -> float:
@@ -122,7 +126,12 @@ def finetune(
     held, train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
     dim = provider.extractor.spec.channels * sum(n * n for n in spp.levels)
     torch.manual_seed(cfg.seed)
-    model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout).to(device)
+    if cfg.bbox_loss_weight and dist.world > 1:
+        raise ConfigError(
+            "finetune.bbox_loss_weight > 0 runs in one process only (not yet under torchrun)"
+        )
+    multi = cfg.bbox_loss_weight > 0
+    model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout, bbox_head=multi).to(device)
     top = None
     groups = [{"params": list(model.parameters()), "base_lr": cfg.lr}]
     if cfg.conv_blocks:
@@ -280,6 +289,16 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
 def _step(model, opt, batcher: Batcher, rng, train, seed: int, dist: Dist) -> float:
     """One SGD step; returns its loss. With several ranks each pools its images' windows and
     the ranks split fc6 by units (:mod:`sppdet.finetune_dist`): the step of one process."""
+    weight = batcher.cfg.bbox_loss_weight
+    if dist.world == 1 and weight:
+        x, y, t = batcher.batch_targets(rng, train)
+        torch.manual_seed(seed)
+        logits, deltas = model.forward_multi(x)
+        loss = nn.functional.cross_entropy(logits, y) + weight * box_loss(deltas, y, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
     if dist.world == 1:
         x, y = batcher.batch(rng, train)
         torch.manual_seed(seed)
@@ -303,6 +322,30 @@ def _step(model, opt, batcher: Batcher, rng, train, seed: int, dist: Dist) -> fl
     if units is not None:  # the rank's fc6 units (fc6 has no gradient: opt.step skipped it)
         finetune_dist.step_units(model, opt, units, dist)
     return loss.item()
+
+
+def box_loss(deltas: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Fast R-CNN's box loss (section 2.3, py-faster-rcnn's ``SmoothL1Loss``).
+
+    Args:
+        deltas: ``Tensor[B, 4K]`` the box layer's outputs (normalised deltas, class ``k`` at
+            columns ``4k..4k+3``).
+        labels: ``Tensor[B]`` 0 = background, ``k + 1`` = class ``k``.
+        targets: ``Tensor[B, 4]`` R-CNN deltas to the ground truth (unnormalised).
+
+    Returns:
+        The smooth-L1 (beta 1) of each foreground window's own class's deltas against its
+        targets divided by :data:`~sppdet.head.BBOX_TARGET_STD`, summed and divided by ``B``
+        (background windows count in ``B`` but add no loss).
+    """
+    fg = torch.nonzero(labels > 0).flatten()
+    if len(fg) == 0:
+        return deltas.sum() * 0.0  # keeps the graph (and the step's collective shape)
+    cols = (labels[fg] - 1).unsqueeze(1) * 4 + torch.arange(4, device=deltas.device)
+    pred = deltas[fg.unsqueeze(1), cols]
+    std = torch.tensor(BBOX_TARGET_STD, dtype=deltas.dtype, device=deltas.device)
+    loss = nn.functional.smooth_l1_loss(pred, targets[fg] / std, beta=1.0, reduction="sum")
+    return loss / len(labels)
 
 
 def _trim_log(path: Path, start: int) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sppdet.bbox_reg import encode
 from sppdet.distributed import SINGLE, Dist
 from sppdet.features import SPPConfig
 from sppdet.head import ConvTop
@@ -33,6 +34,8 @@ class ImageWindows:
     boxes: np.ndarray  # [M, 4] fg then bg candidates
     labels: np.ndarray  # [M] 0 = background, k + 1 = class k
     num_fg: int
+    targets: np.ndarray | None = None  # [M, 4] float32 R-CNN deltas to the matched GT box
+    # (foreground rows; background rows 0), for the box layer of the head
 
 
 def candidates(record, proposals: np.ndarray, index: int, cfg: FinetuneConfig) -> ImageWindows:
@@ -44,10 +47,12 @@ def candidates(record, proposals: np.ndarray, index: int, cfg: FinetuneConfig) -
     fg = lw.max_iou >= cfg.fg_iou
     bg = (lw.max_iou >= cfg.bg_iou_low) & (lw.max_iou < cfg.fg_iou)
     labels = np.zeros(len(lw.boxes), dtype=np.int64)
+    targets = np.zeros((len(lw.boxes), 4), dtype=np.float32)
     if len(gt_labels):
         labels[fg] = gt_labels[lw.gt_index[fg]] + 1
+        targets[fg] = encode(lw.boxes[fg], gt_boxes[lw.gt_index[fg]])
     order = np.concatenate([np.flatnonzero(fg), np.flatnonzero(bg)])
-    return ImageWindows(index, lw.boxes[order], labels[order], int(fg.sum()))
+    return ImageWindows(index, lw.boxes[order], labels[order], int(fg.sum()), targets[order])
 
 
 def sample_windows(rng: np.random.Generator, w: ImageWindows, n: int, n_fg: int) -> np.ndarray:
@@ -82,8 +87,16 @@ class Batcher:
 
     def batch(self, rng: np.random.Generator, pool: Sequence[int]) -> tuple[Tensor, Tensor]:
         """``(X [B, D], y [B])``: a mini-batch of windows of a few images of ``pool``."""
-        x, y, _, _ = self.batch_rows(rng, pool, SINGLE)
+        x, y, _, _, _ = self._batch(rng, pool, SINGLE)
         return x, y
+
+    def batch_targets(
+        self, rng: np.random.Generator, pool: Sequence[int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`batch` (the same draws) and ``t [B, 4]``, each window's R-CNN deltas to its
+        ground truth as the pooled (possibly flipped) window sees it (0 for background)."""
+        x, y, t, _, _ = self._batch(rng, pool, SINGLE)
+        return x, y, t
 
     def batch_rows(
         self, rng: np.random.Generator, pool: Sequence[int], dist: Dist
@@ -92,12 +105,16 @@ class Batcher:
         images ``k`` with ``k % world == rank`` (every rank draws every image's windows, flip
         and scale, so the draws stay those of one process), ``rows`` their positions among the
         ``B`` rows of the whole batch."""
+        x, y, _, rows, total = self._batch(rng, pool, dist)
+        return x, y, rows, total
+
+    def _batch(self, rng: np.random.Generator, pool: Sequence[int], dist: Dist) -> tuple:
         cfg = self.cfg
         chosen = rng.choice(len(pool), min(cfg.images_per_batch, len(pool)), replace=False)
         per_img = math.ceil(cfg.batch_size / len(chosen))
         fg_img = math.ceil(cfg.batch_size * cfg.fg_fraction / len(chosen))
         scales = self.provider.extractor.config.scales
-        xs, ys, rows, start = [], [], [], 0
+        xs, ys, ts, rows, start = [], [], [], [], 0
         for k, j in enumerate(chosen):
             w = self.windows[pool[j]]
             idx = sample_windows(rng, w, per_img, fg_img)
@@ -107,15 +124,18 @@ class Batcher:
             if len(idx) and k % dist.world == dist.rank:
                 xs.append(self._pool(w, idx, flip, scale))
                 ys.append(torch.from_numpy(w.labels[idx]))
+                ts.append(torch.from_numpy(_flipped(_targets(w, idx), flip)))
                 rows.append(torch.arange(start, start + len(idx)))
             start += len(idx)
         if not xs:  # more ranks than images this step: no rows, same collective calls
             dim = self.provider.extractor.spec.channels * sum(n * n for n in self.spp.levels)
             device = self.provider.extractor.device
             empty = torch.zeros(0, dtype=torch.long)
-            return torch.zeros(0, dim, device=device), empty.to(device), empty, start
+            x0, t0 = torch.zeros(0, dim, device=device), torch.zeros(0, 4, device=device)
+            return x0, empty.to(device), t0, empty, start
         x = torch.cat(xs)
-        return x, torch.cat(ys).to(x.device), torch.cat(rows).to(x.device), start
+        dev = x.device
+        return x, torch.cat(ys).to(dev), torch.cat(ts).to(dev), torch.cat(rows).to(dev), start
 
     def _pool(self, w: ImageWindows, idx: np.ndarray, flip: bool, scale: int) -> Tensor:
         rec = self.records[w.index]
@@ -128,3 +148,19 @@ class Batcher:
             scales=(scale,),
             top=self.top,  # the trained blocks (with gradients) instead of the extractor's
         )
+
+
+def _targets(w: ImageWindows, idx: np.ndarray) -> np.ndarray:
+    if w.targets is None:
+        return np.zeros((len(idx), 4), np.float32)
+    return w.targets[idx]
+
+
+def _flipped(t: np.ndarray, flip: bool) -> np.ndarray:
+    """Deltas ``Array[M, 4]`` of mirrored windows: a mirror negates the centre offset ``tx``
+    (``x -> W - x`` maps both centres; widths, heights and ``ty`` are unchanged)."""
+    if not flip:
+        return t
+    out = t.copy()
+    out[:, 0] = -out[:, 0]
+    return out

@@ -17,6 +17,10 @@ from sppdet.errors import ConfigError
 #: The features the SVMs and box regressors can use: the SPP vector, or a head layer.
 LAYERS = ("pool5", "fc6", "fc7")
 
+#: Scale of the box layer's targets: R-CNN deltas divided by these (py-faster-rcnn
+#: ``BBOX_NORMALIZE_STDS``; means 0), so that the four are of comparable size in the loss.
+BBOX_TARGET_STD = (0.1, 0.1, 0.2, 0.2)
+
 
 class FCHead(nn.Module):
     """fc6 -> fc7 -> (K + 1)-way classifier on SPP vectors: ``Tensor[N, D] -> Tensor[N, K+1]``.
@@ -26,6 +30,11 @@ class FCHead(nn.Module):
     smaller) was measured worse: on MobileNetV2 SPP vectors the logits then started near 0.03
     and a 300-image run stayed at the all-background accuracy for 1,000 steps.
     The classifier is Gaussian with sigma 0.01 as SPEC section 5 says for fc8.
+
+    With ``bbox_head`` it also has Fast R-CNN's box-regression layer (section 2.2): fc7 ->
+    ``Tensor[N, 4K]`` class-specific deltas, normalised by :data:`BBOX_TARGET_STD`, Gaussian
+    with sigma 0.001 as in Fast R-CNN; trained with the classifier by
+    ``finetune.bbox_loss_weight``.
     """
 
     def __init__(
@@ -34,12 +43,14 @@ class FCHead(nn.Module):
         hidden: int,
         num_classes: int,
         dropout: float = 0.5,
+        bbox_head: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim, self.hidden, self.num_classes = in_dim, hidden, num_classes
         self.fc6 = nn.Linear(in_dim, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls = nn.Linear(hidden, num_classes + 1)
+        self.bbox_pred = nn.Linear(hidden, 4 * num_classes) if bbox_head else None
         self.drop = nn.Dropout(dropout)
         self.register_buffer("in_mean", torch.zeros(in_dim))
         self.register_buffer("in_std", torch.ones(in_dim))
@@ -48,6 +59,9 @@ class FCHead(nn.Module):
             nn.init.zeros_(fc.bias)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
+        if self.bbox_pred is not None:
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (with several processes: :func:`sppdet.finetune_dist.forward`)."""
@@ -55,9 +69,20 @@ class FCHead(nn.Module):
 
     def from_fc6(self, h: Tensor) -> Tensor:
         """Class logits from fc6's pre-activations ``h [N, hidden]`` (dropout as in training)."""
+        return self.cls(self._fc7_out(h))
+
+    def forward_multi(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [N, K+1], deltas [N, 4K])``: the classifier's and the box layer's outputs
+        (the deltas normalised by :data:`BBOX_TARGET_STD`); needs ``bbox_head``."""
+        if self.bbox_pred is None:
+            raise ConfigError("this head has no box-regression layer (finetune.bbox_loss_weight)")
+        h = self._fc7_out(self.fc6(self.standardize(x)))
+        return self.cls(h), self.bbox_pred(h)
+
+    def _fc7_out(self, h: Tensor) -> Tensor:
+        """fc7's output (dropout as in training) from fc6's pre-activations."""
         h = self.drop(torch.relu(h))
-        h = self.drop(torch.relu(self.fc7(h)))
-        return self.cls(h)
+        return self.drop(torch.relu(self.fc7(h)))
 
     def embed(self, x: Tensor, layer: str) -> Tensor:
         """Activations (after ReLU) of ``layer`` in :data:`LAYERS`; dropout is not applied."""
@@ -83,7 +108,10 @@ class FCHead(nn.Module):
         self.in_std.copy_(x.std(0).clamp(min=1e-3))  # constant dims (e.g. always 0) stay finite
 
     def config(self) -> dict:
-        return {"in_dim": self.in_dim, "hidden": self.hidden, "num_classes": self.num_classes}
+        out = {"in_dim": self.in_dim, "hidden": self.hidden, "num_classes": self.num_classes}
+        if self.bbox_pred is not None:  # absent otherwise: the files of heads without one
+            out["bbox_head"] = True
+        return out
 
 
 def load_trunk_top(path: str | Path) -> dict | None:
@@ -106,7 +134,12 @@ def head_from_state(
     holding the tensors of ``state`` (its state_dict)."""
     # built on the meta device: no random init of the weights replaced next (~0.3 s for fc6)
     with torch.device("meta"):
-        head = FCHead(config["in_dim"], config["hidden"], config["num_classes"])
+        head = FCHead(
+            config["in_dim"],
+            config["hidden"],
+            config["num_classes"],
+            bbox_head=config.get("bbox_head", False),
+        )
     head.load_state_dict(state, assign=True)
     return head.to(device).eval()
 

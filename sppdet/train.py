@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sppdet.bbox_reg import BBoxRegressor
 from sppdet.bbox_train import BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError, DataError, SppdetError
 from sppdet.finetune import finetune
-from sppdet.head import LAYERS, FCHead, load_head
+from sppdet.head import BBOX_TARGET_STD, LAYERS, FCHead, load_head
 from sppdet.imageio import load_image
 from sppdet.locks import writing
 from sppdet.run import Run
@@ -62,7 +63,8 @@ LEGACY_SETTINGS = {
         "prior": "none",
         "prior_scaling": 10.0,
     },
-    "bbox": {"layer": "pool5"},
+    "bbox": {"layer": "pool5", "method": "ridge"},
+    "finetune": {"bbox_loss_weight": 0.0},
 }
 
 
@@ -322,10 +324,16 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     cfg = run.config.bbox
     tuned = _tuned_trunk(run)  # pool5 of a fine-tuned trunk: valid for its conv weights only
     # fc features exist only for the fine-tuned head they came from
-    bound = tuned or cfg.layer != "pool5"
+    bound = tuned or cfg.layer != "pool5" or cfg.method == "finetuned"
     if (done := _done(run, out, "bbox", "bbox.npz", "stats.json", bound=bound)) is not None:
         return done
     t0 = time.perf_counter()
+    if cfg.method == "finetuned":
+        model = head_box_regressor(_head(run, "fc7"))
+        model.save(out / "bbox.npz")
+        summary = {"feature_scale": 1.0, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
+        atomic_write_json(out / "stats.json", summary)
+        return summary
     ds = run.dataset()
     props = run.proposals(ds)
     provider = run.provider(ds, tuned=tuned)
@@ -353,6 +361,33 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
     atomic_write_json(out / "stats.json", summary)
     return summary
+
+
+def head_box_regressor(head: FCHead) -> BBoxRegressor:
+    """The fine-tuned head's box layer as :class:`~sppdet.bbox_reg.BBoxRegressor` s on fc7
+    (``bbox.method: finetuned``): the same linear map, so detection, evaluation and the model
+    file apply it as they apply ridge regressors.
+
+    Raises:
+        ConfigError: the head was fine-tuned without a box layer.
+    """
+    if head.bbox_pred is None:
+        raise ConfigError(
+            "bbox.method: finetuned needs a head fine-tuned with its box layer "
+            "(finetune.bbox_loss_weight > 0); this run's has none: use bbox.method: ridge"
+        )
+    k, h = head.num_classes, head.hidden
+    w = head.bbox_pred.weight.detach().float().cpu().reshape(k, 4, h).permute(0, 2, 1)
+    std = np.tile(np.asarray(BBOX_TARGET_STD, np.float32), (k, 1))
+    return BBoxRegressor(
+        weights=np.ascontiguousarray(w.numpy()),
+        bias=head.bbox_pred.bias.detach().float().cpu().numpy().reshape(k, 4),
+        target_mean=np.zeros((k, 4), np.float32),
+        target_std=std,
+        num_samples=np.zeros(k, np.int64),  # trained in fine-tuning: no reservoir
+        feature_scale=1.0,
+        layer="fc7",
+    )
 
 
 def run_train(
