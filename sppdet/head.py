@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sppdet.bbox_reg import BBoxRegressor
 from sppdet.depthwise import use_fast_depthwise
 from sppdet.errors import ConfigError
 
@@ -186,3 +188,30 @@ class ConvTop(nn.Module):
         """State of all top blocks, keyed as the extractor's ``top_module``."""
         blocks = [*self.frozen.children(), *self.trained.children()]
         return nn.Sequential(*blocks).state_dict()
+
+
+def head_box_regressor(head: FCHead) -> BBoxRegressor:
+    """The fine-tuned head's box layer as :class:`~sppdet.bbox_reg.BBoxRegressor` s on fc7
+    (``bbox.method: finetuned``): the same linear map, so detection, evaluation and the model
+    file apply it as they apply ridge regressors.
+
+    Raises:
+        ConfigError: the head was fine-tuned without a box layer.
+    """
+    if head.bbox_pred is None:
+        raise ConfigError(
+            "bbox.method: finetuned needs a head fine-tuned with its box layer "
+            "(finetune.bbox_loss_weight > 0); this run's has none: use bbox.method: ridge"
+        )
+    k, h = head.num_classes, head.hidden
+    w = head.bbox_pred.weight.detach().float().cpu().reshape(k, 4, h).permute(0, 2, 1)
+    std = np.tile(np.asarray(BBOX_TARGET_STD, np.float32), (k, 1))
+    return BBoxRegressor(
+        weights=np.ascontiguousarray(w.numpy()),
+        bias=head.bbox_pred.bias.detach().float().cpu().numpy().reshape(k, 4),
+        target_mean=np.zeros((k, 4), np.float32),
+        target_std=std,
+        num_samples=np.zeros(k, np.int64),  # trained in fine-tuning: no reservoir
+        feature_scale=1.0,
+        layer="fc7",
+    )

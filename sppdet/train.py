@@ -20,13 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sppdet.bbox_reg import BBoxRegressor
 from sppdet.bbox_train import BBoxRegTrainer
 from sppdet.configutil import to_dict
 from sppdet.distributed import SINGLE, Dist
 from sppdet.errors import ConfigError, DataError, SppdetError
 from sppdet.finetune import finetune
-from sppdet.head import BBOX_TARGET_STD, LAYERS, FCHead, load_head
+from sppdet.head import LAYERS, FCHead, head_box_regressor, load_head
 from sppdet.imageio import load_image
 from sppdet.locks import writing
 from sppdet.run import Run
@@ -361,33 +360,6 @@ def _run_train_bbox(run: Run, progress: bool) -> dict:
     summary = {"feature_scale": scale, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}
     atomic_write_json(out / "stats.json", summary)
     return summary
-
-
-def head_box_regressor(head: FCHead) -> BBoxRegressor:
-    """The fine-tuned head's box layer as :class:`~sppdet.bbox_reg.BBoxRegressor` s on fc7
-    (``bbox.method: finetuned``): the same linear map, so detection, evaluation and the model
-    file apply it as they apply ridge regressors.
-
-    Raises:
-        ConfigError: the head was fine-tuned without a box layer.
-    """
-    if head.bbox_pred is None:
-        raise ConfigError(
-            "bbox.method: finetuned needs a head fine-tuned with its box layer "
-            "(finetune.bbox_loss_weight > 0); this run's has none: use bbox.method: ridge"
-        )
-    k, h = head.num_classes, head.hidden
-    w = head.bbox_pred.weight.detach().float().cpu().reshape(k, 4, h).permute(0, 2, 1)
-    std = np.tile(np.asarray(BBOX_TARGET_STD, np.float32), (k, 1))
-    return BBoxRegressor(
-        weights=np.ascontiguousarray(w.numpy()),
-        bias=head.bbox_pred.bias.detach().float().cpu().numpy().reshape(k, 4),
-        target_mean=np.zeros((k, 4), np.float32),
-        target_std=std,
-        num_samples=np.zeros(k, np.int64),  # trained in fine-tuning: no reservoir
-        feature_scale=1.0,
-        layer="fc7",
-    )
 
 
 def run_train(

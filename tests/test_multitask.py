@@ -17,11 +17,10 @@ from sppdet.bbox_reg import BBoxRegressor, encode
 from sppdet.errors import ConfigError
 from sppdet.finetune import box_loss
 from sppdet.finetune_batch import _flipped, candidates
-from sppdet.head import BBOX_TARGET_STD, FCHead, head_from_state, load_head
+from sppdet.head import BBOX_TARGET_STD, FCHead, head_box_regressor, head_from_state, load_head
 from sppdet.imageio import load_image
 from sppdet.model import load_detector
 from sppdet.run import Run
-from sppdet.train import head_box_regressor
 from sppdet_cli.main import cli
 from tests import test_cli_e2e
 from tests.test_cli_e2e import invoke
