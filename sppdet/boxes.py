@@ -133,3 +133,36 @@ def unique_boxes(boxes: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     _, idx = np.unique(b, axis=0, return_index=True)
     return np.sort(idx).astype(np.int64)
+
+
+def vote_boxes(
+    kept: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    iou: float,
+) -> np.ndarray:
+    """Box voting (Gidaris and Komodakis 2015, section 5): each kept detection's box becomes
+    the score-weighted mean of the candidates of its class that overlap it by ``>= iou``.
+
+    Args:
+        kept: ``Array[k]`` indices (into ``boxes``) of the detections NMS kept.
+        boxes: ``Array[M, 4]`` every candidate before NMS; ``scores`` ``Array[M]``;
+            ``labels`` ``Array[M]``.
+        iou: the voting overlap (Gidaris: 0.5).
+
+    Returns:
+        ``Array[k, 4]`` float32. The weights are the scores clipped at 0 (Gidaris' class
+        probabilities; an SVM's positive margins): a box without a positive voter stays as it
+        is.
+    """
+    kept = np.asarray(kept, np.int64)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(kept) == 0:
+        return b[kept].astype(np.float32)
+    same = np.asarray(labels)[kept][:, None] == np.asarray(labels)[None, :]
+    w = (box_iou(b[kept], b) >= iou) & same
+    w = w * np.clip(np.asarray(scores, np.float64), 0, None)[None, :]
+    total = w.sum(1, keepdims=True)
+    voted = (w @ b) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, voted, b[kept]).astype(np.float32)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask
+from sppdet.boxes import clip_boxes, unique_boxes, valid_boxes_mask, vote_boxes
 from sppdet.fastpath import CompressedHead, check_fc_dtype, fc_autocast
 from sppdet.features import FeatureExtractor, ScaleMap, SPPConfig
 from sppdet.timing import PROFILER_LABELS, StageHook
@@ -49,6 +49,9 @@ class TestConfig:
     score_threshold: float = -1.5  # drop windows scoring below (SVM margin units); -inf keeps all
     pre_nms_top_k: int = 300  # per class, before NMS (bounds NMS cost)
     max_per_image: int = 100  # detections kept per image (Fast R-CNN, for evaluation)
+    box_vote_iou: float = 0.0  # > 0: box voting after NMS (Gidaris & Komodakis 2015: 0.5),
+    # each kept box the score-weighted mean of its class's candidates overlapping it this much;
+    # 0 = off (the paper)
     fc_batch: int = 1024  # windows per fc forward pass (bounds memory)
     dedup: bool = True  # pool and score once per distinct (scale, map-cell window): windows
     # that map to the same cells have identical SPP vectors (exact; SPP mode only)
@@ -195,20 +198,21 @@ def suppress(
     *,
     nms_iou: float,
     max_per_image: int,
+    vote_iou: float = 0.0,
 ) -> Detections:
     """Clip ``boxes`` ``Tensor[M, 4]`` to an ``(H, W)`` image, drop degenerate ones, per-class
-    NMS at ``nms_iou``, keep the ``max_per_image`` best (over all classes)."""
+    NMS at ``nms_iou``, keep the ``max_per_image`` best (over all classes); with ``vote_iou``
+    the kept boxes are voted (:func:`~sppdet.boxes.vote_boxes`)."""
     h, w = size
     dev = boxes.device
     b = torch.as_tensor(clip_boxes(boxes.cpu().numpy(), w, h), device=dev)
     ok = torch.as_tensor(valid_boxes_mask(b.cpu().numpy()), device=dev)
     b, s, lab = b[ok], scores[ok], labels[ok]
     keep = batched_nms(b, s, lab, nms_iou)[:max_per_image]
-    return Detections(
-        b[keep].cpu().numpy().astype(np.float32),
-        s[keep].cpu().numpy().astype(np.float32),
-        lab[keep].cpu().numpy().astype(np.int64),
-    )
+    b, s, lab = (t.cpu().numpy() for t in (b, s, lab))
+    k = keep.cpu().numpy()
+    out = vote_boxes(k, b, s, lab, vote_iou) if vote_iou > 0 else b[k].astype(np.float32)
+    return Detections(out, s[k].astype(np.float32), lab[k].astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- detector
@@ -333,7 +337,8 @@ class Detector:
         else:
             b = torch.as_tensor(boxes, device=self.device)[idx]
         with hook("nms"):
-            return suppress(b, s, lab, size, nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image)
+            nms = dict(nms_iou=cfg.nms_iou, max_per_image=cfg.max_per_image)
+            return suppress(b, s, lab, size, **nms, vote_iou=cfg.box_vote_iou)
 
     # -- whole detections
 

@@ -29,9 +29,11 @@ from sppdet.configutil import to_dict
 from sppdet.detect import Detections
 from sppdet.model import BBOX_FILE, head_path, svm_file
 from sppdet.run import Run
+from sppdet.run_config import LEGACY_SETTINGS
 from sppdet.storage import (
     atomic_save_npz,
     atomic_write_json,
+    drop_legacy,
     file_sha256,
     fingerprint,
     versions,
@@ -150,8 +152,12 @@ def blocks_key(run, split, records, props, detectors, source, cache_maps, dist) 
         "split": split,
         "images": [r.image_id for r in records],
         "proposals": arrays_digest([props.boxes_for(r.image_id) for r in records]),
-        "config": to_dict(run.config),
-        "variants": {name: to_dict(det.config) for name, det in detectors.items()},
+        # settings added since at their defaults left out: a saved evaluation stays resumable
+        "config": drop_legacy(to_dict(run.config), LEGACY_SETTINGS),
+        "variants": {
+            name: drop_legacy({"test": to_dict(det.config)}, LEGACY_SETTINGS)["test"]
+            for name, det in detectors.items()
+        },
         "parts": parts,
         "cache_maps": cache_maps,
         "device": str(run.device),

@@ -152,6 +152,26 @@ def run_config(
     return merge(RunConfig() if base is None else base, data, where)
 
 
+#: Settings left out of stage manifests (``check_manifest``'s ``legacy``) and of evaluation
+#: keys (``sppdet.eval_blocks``) at these values, so stages trained and evaluations saved
+#: before they were added (at their default) or removed (at the value that remains, see
+#: :data:`REMOVED_KEYS`) stay valid. A default that changed has its earlier value here and in
+#: :data:`CHANGED_DEFAULTS`.
+LEGACY_SETTINGS = {
+    "svm": {
+        "retrain_growth": 0.0,
+        "loss": "hinge",
+        "dedup_neg_iou": None,
+        "pos_iou": None,
+        "prior": "none",
+        "prior_scaling": 10.0,
+    },
+    "bbox": {"layer": "pool5", "method": "ridge"},
+    "finetune": {"bbox_loss_weight": 0.0},
+    "test": {"box_vote_iou": 0.0},
+}
+
+
 #: Settings whose default changed after runs were stored without them: a stored config
 #: (``config.yaml``, a results file's ``config``) that lacks one was made with the value here,
 #: not with today's default, so it is read with this value (:func:`stored_run_config`). Without

@@ -184,9 +184,9 @@ def check_manifest(
     """
     directory = Path(directory)
     path = directory / MANIFEST
-    new = _drop_legacy(canonical(dict(content)), legacy or {})
+    new = drop_legacy(canonical(dict(content)), legacy or {})
     if path.exists():
-        old = _drop_legacy(read_json(path), legacy or {})
+        old = drop_legacy(read_json(path), legacy or {})
         diffs = diff(old, new)
         if diffs:
             raise CacheMismatchError(
@@ -197,7 +197,9 @@ def check_manifest(
     atomic_write_json(path, new)
 
 
-def _drop_legacy(manifest: dict, legacy: Mapping[str, Mapping[str, Any]]) -> dict:
+def drop_legacy(manifest: dict, legacy: Mapping[str, Mapping[str, Any]]) -> dict:
+    """``manifest`` without the ``{section: {key: value}}`` settings of ``legacy`` that have
+    their legacy value (see :func:`check_manifest`)."""
     out = dict(manifest)
     for section, keys in legacy.items():
         if isinstance(out.get(section), dict):

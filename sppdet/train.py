@@ -29,6 +29,7 @@ from sppdet.head import LAYERS, FCHead, head_box_regressor, load_head
 from sppdet.imageio import load_image
 from sppdet.locks import writing
 from sppdet.run import Run
+from sppdet.run_config import LEGACY_SETTINGS
 from sppdet.storage import (
     atomic_save_npz,
     atomic_write_json,
@@ -48,23 +49,6 @@ SVM_CHECKPOINT_SECONDS = 900.0
 
 #: Images sampled to estimate the mean feature norm (R-CNN rcnn_feature_stats samples 200).
 NORM_SAMPLE_IMAGES = 50
-
-
-#: Settings left out of stage manifests at these values (``check_manifest``'s ``legacy``), so
-#: stages trained before they were added (at their default) or removed (at the value that
-#: remains, see ``sppdet.run.REMOVED_KEYS``) stay valid.
-LEGACY_SETTINGS = {
-    "svm": {
-        "retrain_growth": 0.0,
-        "loss": "hinge",
-        "dedup_neg_iou": None,
-        "pos_iou": None,
-        "prior": "none",
-        "prior_scaling": 10.0,
-    },
-    "bbox": {"layer": "pool5", "method": "ridge"},
-    "finetune": {"bbox_loss_weight": 0.0},
-}
 
 
 def _stage_manifest(run: Run, *sections: str) -> dict:

@@ -57,3 +57,33 @@ def test_arrays_digest_sees_values_shapes_and_dtypes():
     assert arrays_digest(a) != arrays_digest([a[0].reshape(4, 2)])
     assert arrays_digest(a) != arrays_digest([a[0].astype(np.float64)])
     assert arrays_digest(a) != arrays_digest([a[0] + 1])
+
+
+def test_blocks_key_leaves_out_settings_added_since_at_their_defaults(tmp_path, monkeypatch):
+    """An evaluation saved before a setting existed resumes under code that has it, at its
+    default; another value is another key."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sppdet.distributed import SINGLE
+    from sppdet.eval_blocks import blocks_key
+    from sppdet.run import Run, build_config
+
+    monkeypatch.setattr("sppdet.run.check_paths_exist", lambda config: None)
+    run = Run.create(tmp_path / "run", build_config())
+    records = [SimpleNamespace(image_id="a")]
+    props = SimpleNamespace(boxes_for=lambda i: np.zeros((1, 4), np.float32))
+
+    def key(test):
+        det = {"fc7": SimpleNamespace(config=test)}
+        return blocks_key(run, "val", records, props, det, None, True, SINGLE)
+
+    test = run.config.test
+    plain = key(test)
+    assert "box_vote_iou" not in plain["variants"]["fc7"]
+    assert "box_vote_iou" not in plain["config"]["test"] and "C" in plain["config"]["svm"]
+    assert "bbox_loss_weight" not in plain["config"]["finetune"]
+    voted = key(dataclasses.replace(test, box_vote_iou=0.5))
+    assert voted["variants"]["fc7"]["box_vote_iou"] == 0.5 and voted != plain

@@ -163,7 +163,7 @@ def test_stored_configs_lacking_a_changed_default_read_its_value_before(tmp_path
 
 
 def test_changed_defaults_are_real_settings_and_legacy_in_the_stage_manifests():
-    from sppdet.train import LEGACY_SETTINGS
+    from sppdet.run_config import LEGACY_SETTINGS
 
     for (section, key), before in CHANGED_DEFAULTS.items():
         assert hasattr(getattr(RunConfig(), section), key), (section, key)
