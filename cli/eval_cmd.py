@@ -57,6 +57,12 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
     is_flag=True,
     help="With --ablations: also the speed settings (SVD ranks, bf16, no dedup) over fc7_bb.",
 )
+@click.option(
+    "--box-vote",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="With --ablations: also each fine-tuned row with box voting after NMS at this IoU "
+    "(Gidaris & Komodakis: 0.5), as <variant>_vote, in the same pass.",
+)
 @click.option("--name", help="With --run: output name under RUN/eval/ (default: the split).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write {map, ap} here.")
 @click.option("--use-2010-metric", is_flag=True, help="All-point AP (VOC2010+), not 11-point.")
@@ -86,6 +92,7 @@ def command(
     no_bbox_reg,
     ablations,
     fast_path,
+    box_vote,
     name,
     json_out,
     use_2010_metric,
@@ -108,6 +115,8 @@ def command(
         raise click.UsageError("give exactly one of --detections DIR, --run RUN_DIR, --model FILE")
     if fast_path and not (detections is None and ablations):
         raise click.UsageError("--fast-path needs --run (or --model) and --ablations")
+    if box_vote and not (detections is None and ablations):
+        raise click.UsageError("--box-vote needs --run (or --model) and --ablations")
     if no_cache and detections is not None:
         raise click.UsageError("--no-cache needs --run or --model (comp4 files have no maps)")
     if detections is None:
@@ -118,7 +127,7 @@ def command(
         test = fast_test(speed)
         opts = {"data": data, "limit": limit, "cache_maps": not no_cache, "dist": dist}
         if ablations:
-            _eval_ablations(run, source, split, test, fast_path, json_out, opts)
+            _eval_ablations(run, source, split, test, (fast_path, box_vote), json_out, opts)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
         _eval_run(run, source, split, test, name, json_out, opts)
@@ -223,15 +232,17 @@ def _eval_run(run, source, split, test, name, json_out, opts):
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run, source, split, test, fast_path, json_out, opts):
-    from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants
+def _eval_ablations(run, source, split, test, extra, json_out, opts):
+    from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants, vote_variants
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
+    fast_path, box_vote = extra
     run, source = with_test(run, source, test)
     parts = run if source is None else source
     found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}
+    found |= vote_variants(parts, box_vote) if box_vote else {}
     variants = {f"{split}_{k}": v for k, v in found.items()}
     results = evaluate_variants(run, split, variants, source=source, **opts)
     if not results:  # another rank than 0 (torchrun): rank 0 reports

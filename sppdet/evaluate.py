@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_variants",
     "fast_variants",
     "load_detector",
+    "vote_variants",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,17 @@ def fast_variants(source) -> dict[str, TestConfig]:
         raise SppdetError("the fast-path variants need fc7 SVMs and box regressors")
     exact = dataclasses.replace(base, **EXACT)
     return {name: dataclasses.replace(exact, **ch) for name, ch in FAST_VARIANTS.items()}
+
+
+def vote_variants(source, iou: float) -> dict[str, TestConfig]:
+    """Each scored :data:`ABLATIONS` row again with box voting at ``iou``, as ``<row>_vote``
+    (``eval --ablations --box-vote IOU``): the same scores in the same pass, other boxes."""
+    rows = ablation_variants(source)
+    return {
+        f"{name}_vote": dataclasses.replace(test, box_vote_iou=iou)
+        for name, test in rows.items()
+        if name not in ("pool5", "random")
+    }
 
 
 def ablation_variants(source) -> dict[str, TestConfig]:

@@ -7,6 +7,9 @@ import torch
 
 from sppdet.boxes import vote_boxes
 from sppdet.detect import suppress
+from tests import test_cli_e2e
+
+trained = test_cli_e2e.trained  # the same module-scoped fixture: one tiny trained run
 
 
 def naive_vote(kept, boxes, scores, labels, iou):
@@ -52,3 +55,33 @@ def test_suppress_votes_only_when_asked():
     np.testing.assert_array_equal(plain.boxes[0], [10, 10, 50, 50])
     np.testing.assert_allclose(voted.boxes[0], [(2 * 10 + 12) / 3] * 2 + [(2 * 50 + 52) / 3] * 2)
     np.testing.assert_array_equal(voted.boxes[1], plain.boxes[1])  # its only voter: itself
+
+
+def test_eval_box_vote_rows_keep_the_scores_and_move_the_boxes(trained, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sppdet_cli.main import cli
+    from tests.test_cli_e2e import invoke
+
+    data, run, classes = trained["data"], trained["run"], trained["classes"]
+    out = tmp_path / "vote.json"
+    args = ("eval", "--voc2007", "--run", run, "--devkit", data, "--split", "val", "--ablations")
+    invoke(*args, "--box-vote", 0.5, "--json", out)
+    res = json.loads(out.read_text())
+    assert {"val_fc7_vote", "val_fc7_bb_vote", "val_softmax_bb_vote"} <= set(res)
+    assert "val_random_vote" not in res and "val_pool5_vote" not in res
+    moved = 0
+    for c in classes:
+        rows = {}
+        for v in ("val_softmax_bb", "val_softmax_bb_vote"):
+            lines = (run / "eval" / v / f"comp4_det_val_{c}.txt").read_text().splitlines()
+            rows[v] = [(ln.split()[0], ln.split()[1], ln.split()[2:]) for ln in lines]
+        assert [r[:2] for r in rows["val_softmax_bb"]] == [
+            r[:2] for r in rows["val_softmax_bb_vote"]
+        ]
+        moved += sum(a[2] != b[2] for a, b in zip(*rows.values(), strict=True))
+    assert moved > 0
+    bad = CliRunner().invoke(cli, [str(a) for a in args[:-1]] + ["--box-vote", "0.5"])
+    assert bad.exit_code != 0 and "--box-vote needs" in bad.output
