@@ -127,7 +127,7 @@ def command(
         test = fast_test(speed)
         opts = {"data": data, "limit": limit, "cache_maps": not no_cache, "dist": dist}
         if ablations:
-            _eval_ablations(run, source, split, test, (fast_path, box_vote), json_out, opts)
+            _eval_ablations(run, source, split, test, fast_path, box_vote, json_out, opts)
             return
         test.update(scorer=scorer, layer=layer, bbox_reg=False if no_bbox_reg else None)
         _eval_run(run, source, split, test, name, json_out, opts)
@@ -232,13 +232,12 @@ def _eval_run(run, source, split, test, name, json_out, opts):
         atomic_write_json(json_out, result.to_json())
 
 
-def _eval_ablations(run, source, split, test, extra, json_out, opts):
+def _eval_ablations(run, source, split, test, fast_path, box_vote, json_out, opts):
     from sppdet.evaluate import ablation_variants, evaluate_variants, fast_variants, vote_variants
     from sppdet.model_file import with_test
     from sppdet.storage import atomic_write_json
     from sppdet.voc_eval import format_ap_table
 
-    fast_path, box_vote = extra
     run, source = with_test(run, source, test)
     parts = run if source is None else source
     found = {**ablation_variants(parts), **(fast_variants(parts) if fast_path else {})}

@@ -113,6 +113,10 @@ def finetune(
     Returns:
         Summary metrics (final loss, held-out accuracy, seconds).
     """
+    if cfg.bbox_loss_weight and dist.world > 1:
+        raise ConfigError(
+            "finetune.bbox_loss_weight > 0 runs in one process only (not yet under torchrun)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = provider.extractor.device
@@ -126,10 +130,6 @@ def finetune(
     held, train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
     dim = provider.extractor.spec.channels * sum(n * n for n in spp.levels)
     torch.manual_seed(cfg.seed)
-    if cfg.bbox_loss_weight and dist.world > 1:
-        raise ConfigError(
-            "finetune.bbox_loss_weight > 0 runs in one process only (not yet under torchrun)"
-        )
     multi = cfg.bbox_loss_weight > 0
     model = FCHead(dim, cfg.hidden, num_classes, cfg.dropout, bbox_head=multi).to(device)
     top = None
@@ -289,17 +289,13 @@ def _train_loop(model, opt, batcher, train, heldout, cfg, out: Path, start, prog
 def _step(model, opt, batcher: Batcher, rng, train, seed: int, dist: Dist) -> float:
     """One SGD step; returns its loss. With several ranks each pools its images' windows and
     the ranks split fc6 by units (:mod:`sppdet.finetune_dist`): the step of one process."""
-    weight = batcher.cfg.bbox_loss_weight
-    if dist.world == 1 and weight:
+    weight, boxes = batcher.cfg.bbox_loss_weight, None
+    if dist.world == 1 and weight:  # multi-task (one process only: see finetune)
         x, y, t = batcher.batch_targets(rng, train)
         torch.manual_seed(seed)
-        logits, deltas = model.forward_multi(x)
-        loss = nn.functional.cross_entropy(logits, y) + weight * box_loss(deltas, y, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    if dist.world == 1:
+        (logits, deltas), units = model.forward_multi(x), None
+        boxes = weight * box_loss(deltas, y, t)
+    elif dist.world == 1:
         x, y = batcher.batch(rng, train)
         torch.manual_seed(seed)
         logits, units = model(x), None
@@ -311,6 +307,8 @@ def _step(model, opt, batcher: Batcher, rng, train, seed: int, dist: Dist) -> fl
         torch.manual_seed(seed)  # dropout: the same masks on every rank, as in one process
         logits, units = finetune_dist.forward(model, x, dist)
     loss = nn.functional.cross_entropy(logits, y)
+    if boxes is not None:
+        loss = loss + boxes
     opt.zero_grad(set_to_none=True)
     loss.backward()
     for group in opt.param_groups[1:] if dist.world > 1 else ():

@@ -34,8 +34,8 @@ class ImageWindows:
     boxes: np.ndarray  # [M, 4] fg then bg candidates
     labels: np.ndarray  # [M] 0 = background, k + 1 = class k
     num_fg: int
-    targets: np.ndarray | None = None  # [M, 4] float32 R-CNN deltas to the matched GT box
-    # (foreground rows; background rows 0), for the box layer of the head
+    targets: np.ndarray  # [M, 4] float32 R-CNN deltas to the matched GT box (foreground rows;
+    # background rows 0), for the box layer of the head
 
 
 def candidates(record, proposals: np.ndarray, index: int, cfg: FinetuneConfig) -> ImageWindows:
@@ -124,7 +124,7 @@ class Batcher:
             if len(idx) and k % dist.world == dist.rank:
                 xs.append(self._pool(w, idx, flip, scale))
                 ys.append(torch.from_numpy(w.labels[idx]))
-                ts.append(torch.from_numpy(_flipped(_targets(w, idx), flip)))
+                ts.append(torch.from_numpy(_flipped(w.targets[idx], flip)))
                 rows.append(torch.arange(start, start + len(idx)))
             start += len(idx)
         if not xs:  # more ranks than images this step: no rows, same collective calls
@@ -148,12 +148,6 @@ class Batcher:
             scales=(scale,),
             top=self.top,  # the trained blocks (with gradients) instead of the extractor's
         )
-
-
-def _targets(w: ImageWindows, idx: np.ndarray) -> np.ndarray:
-    if w.targets is None:
-        return np.zeros((len(idx), 4), np.float32)
-    return w.targets[idx]
 
 
 def _flipped(t: np.ndarray, flip: bool) -> np.ndarray:
